@@ -1,0 +1,36 @@
+//! `sendtalk-relay`: the edge service at a SendTalk WhatsApp Verification
+//! Webhook URL. Every webhook flows one way:
+//!
+//! ```text
+//! request -> auth -> payload -> dedup claim -> publish (or spool) -> dedup commit -> response
+//! ```
+//!
+//! A 2xx answer means the event is confirmed by RabbitMQ or fsynced in the
+//! local spool, from which it is drained to RabbitMQ later.
+//!
+//! # Layout
+//! - [`config`]: layered settings (defaults < TOML < env), validation, units.
+//! - [`telemetry`]: tracing-subscriber set-up and phone masking.
+//! - [`auth`]: signature / secret verification of the raw body; pure.
+//! - [`payload`]: `VerificationEvent` and its field newtypes; pure.
+//! - [`dedup`]: claim / commit / release against Redis or memory.
+//! - [`publish`]: RabbitMQ publisher with confirms and reconnection; stdout sink.
+//! - [`spool`]: the durable on-disk buffer and its drainer.
+//! - [`metrics`]: every exported metric, in one registry per app.
+//! - [`routes`]: the webhook endpoint (where the stages meet) and admin endpoints.
+//! - [`startup`]: the only place that creates clients and binds sockets.
+//! - [`shutdown`]: signals.
+//! - [`cli`]: the `sign` and `send-test` helpers of the command line.
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod dedup;
+pub mod metrics;
+pub mod payload;
+pub mod publish;
+pub mod routes;
+pub mod shutdown;
+pub mod spool;
+pub mod startup;
+pub mod telemetry;

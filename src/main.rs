@@ -1,0 +1,188 @@
+//! Entry point: parse the command line, load the configuration (exit 64 on
+//! any problem, before a socket is bound), then run the chosen command.
+
+use std::io::Read as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sendtalk_relay::cli::{self, SenderKey};
+use sendtalk_relay::config::{AuthMode, Settings, CONFIG_FILE_ENV};
+use sendtalk_relay::{shutdown, startup::Application, telemetry};
+
+/// BSD `EX_USAGE`: the configuration is wrong.
+const EXIT_CONFIG: u8 = 64;
+
+/// Edge relay for SendTalk WhatsApp Verification webhooks.
+///
+/// Authenticates each webhook with SendTalk's secret key, validates it,
+/// deduplicates it by verification id (Redis) and publishes it to a RabbitMQ
+/// exchange with publisher confirms, spooling to disk while the broker is
+/// unavailable. Without a configuration file it runs on embedded defaults:
+/// loopback only, in-memory dedup, events printed on standard output, and the
+/// development secret `dev-secret`.
+///
+/// Configuration layers: built-in defaults < TOML file (--config or
+/// SENDTALK_RELAY_CONFIG) < environment SENDTALK_RELAY__SECTION__KEY.
+#[derive(Debug, Parser)]
+#[command(name = "sendtalk-relay", version, about, long_about)]
+struct Cli {
+    /// TOML configuration file (see config.example.toml).
+    #[arg(long, short, global = true, env = CONFIG_FILE_ENV, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the relay (the default command).
+    Serve,
+    /// Validate the configuration and print it as TOML with secrets redacted.
+    CheckConfig,
+    /// Read a body on standard input and print the headers a sender attaches.
+    Sign {
+        /// hmac-sha256, standard-webhooks or secret-header (default: configured).
+        #[arg(long, value_name = "M")]
+        mode: Option<AuthMode>,
+        /// Signature header name (default: configured auth.header).
+        #[arg(long, value_name = "H")]
+        header: Option<String>,
+        /// Secret key (default: the first configured secret).
+        #[arg(long, value_name = "S")]
+        secret: Option<String>,
+    },
+    /// POST a freshly signed sample event to the relay and print the answer.
+    SendTest {
+        /// Webhook URL (default: the configured listener and path).
+        #[arg(long)]
+        url: Option<String>,
+        /// Secret key (default: the first configured secret).
+        #[arg(long, value_name = "S")]
+        secret: Option<String>,
+        /// Verification id (default: a random UUID).
+        #[arg(long)]
+        id: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref(), std::env::vars()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("sendtalk-relay: invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(settings),
+        Command::CheckConfig => {
+            print!("{}", settings.redacted_toml());
+            ExitCode::SUCCESS
+        }
+        Command::Sign {
+            mode,
+            header,
+            secret,
+        } => sign(&settings, mode, header, secret),
+        Command::SendTest { url, secret, id } => send_test(&settings, url, secret, id),
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
+fn serve(settings: Settings) -> ExitCode {
+    telemetry::init(&settings.log);
+    if settings.embedded {
+        tracing::warn!(
+            auth_mode = settings.auth.mode.as_str(),
+            dev_secret = settings.using_dev_secret,
+            "no configuration file: running on embedded defaults (loopback only, in-memory dedup, stdout sink{})",
+            if settings.using_dev_secret { ", the public development secret" } else { "" }
+        );
+    }
+    let result = runtime().map_err(anyhow::Error::from).and_then(|rt| {
+        rt.block_on(async {
+            let app = Application::build(settings).await?;
+            app.run_until_stopped(shutdown::on_signal()).await
+        })
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "sendtalk-relay failed");
+            eprintln!("sendtalk-relay: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn sign(
+    settings: &Settings,
+    mode: Option<AuthMode>,
+    header: Option<String>,
+    secret: Option<String>,
+) -> ExitCode {
+    let key = match SenderKey::resolve(settings, mode, header, secret) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("sendtalk-relay sign: {e:#}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let mut body = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut body) {
+        eprintln!("sendtalk-relay sign: cannot read standard input: {e}");
+        return ExitCode::FAILURE;
+    }
+    for (name, value) in key.headers(&body) {
+        println!("{name}: {value}");
+    }
+    ExitCode::SUCCESS
+}
+
+fn send_test(
+    settings: &Settings,
+    url: Option<String>,
+    secret: Option<String>,
+    id: Option<String>,
+) -> ExitCode {
+    let key = match SenderKey::resolve(settings, None, None, secret) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("sendtalk-relay send-test: {e:#}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let url = url.unwrap_or_else(|| cli::default_url(settings));
+    let id = id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let status = settings
+        .webhook
+        .accepted_statuses
+        .first()
+        .map_or("verified", String::as_str);
+    let body = cli::sample_event(&id, status);
+    let result = runtime()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(cli::post_signed(&url, &key, body)));
+    match result {
+        Ok((code, text)) => {
+            println!("{code} {text}");
+            if (200..300).contains(&code) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("sendtalk-relay send-test: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

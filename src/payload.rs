@@ -1,0 +1,389 @@
+//! The webhook payload: media type check, JSON parsing, and the typed
+//! [`VerificationEvent`] with its field newtypes (SPEC 2.2). Pure: no I/O, the
+//! caller passes the clock.
+//!
+//! Each newtype has one constructor, `parse`, so a value that exists is valid.
+
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use crate::auth::AuthenticatedBody;
+
+/// How far into the future `verifiedTime` may lie (clock skew allowance).
+pub const MAX_FUTURE_SKEW: Duration = Duration::from_secs(300);
+
+/// Why a payload was refused. Each variant maps to one HTTP answer.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PayloadError {
+    #[error("Content-Type must be application/json")]
+    UnsupportedMediaType,
+    #[error("body is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("{message}")]
+    InvalidPayload {
+        field: &'static str,
+        message: String,
+    },
+    #[error("status `{0}` is not accepted")]
+    UnsupportedStatus(String),
+    #[error("{0}")]
+    StaleEvent(String),
+}
+
+impl PayloadError {
+    fn field(field: &'static str, message: impl Into<String>) -> Self {
+        PayloadError::InvalidPayload {
+            field,
+            message: message.into(),
+        }
+    }
+
+    /// The payload field the error is about, or `""`.
+    pub fn field_name(&self) -> &'static str {
+        match self {
+            PayloadError::InvalidPayload { field, .. } => field,
+            PayloadError::UnsupportedStatus(_) => "status",
+            PayloadError::StaleEvent(_) => "verifiedTime",
+            PayloadError::UnsupportedMediaType | PayloadError::InvalidJson(_) => "",
+        }
+    }
+}
+
+/// Accepts `application/json` with optional parameters (`; charset=utf-8`).
+pub fn check_media_type(content_type: Option<&[u8]>) -> Result<(), PayloadError> {
+    let value = content_type
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .ok_or(PayloadError::UnsupportedMediaType)?;
+    let essence = value.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(PayloadError::UnsupportedMediaType)
+    }
+}
+
+/// SendTalk's verification id: 1-128 printable ASCII characters (0x21-0x7E).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct VerificationId(String);
+
+impl VerificationId {
+    pub fn parse(raw: &str) -> Result<Self, PayloadError> {
+        if raw.is_empty() || raw.len() > 128 {
+            return Err(PayloadError::field("id", "id must be 1-128 characters"));
+        }
+        if !raw.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+            return Err(PayloadError::field(
+                "id",
+                "id must be printable ASCII without spaces",
+            ));
+        }
+        Ok(Self(raw.to_string()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The verified phone number: 5-15 ASCII digits (E.164 without `+`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct UserPhone(String);
+
+impl UserPhone {
+    pub fn parse(raw: &str) -> Result<Self, PayloadError> {
+        if (5..=15).contains(&raw.len()) && raw.bytes().all(|b| b.is_ascii_digit()) {
+            Ok(Self(raw.to_string()))
+        } else {
+            Err(PayloadError::field(
+                "userPhone",
+                "userPhone must be 5-15 digits",
+            ))
+        }
+    }
+    /// The number with its middle hidden, for logs: `6281****678`.
+    pub fn masked(&self) -> String {
+        crate::telemetry::mask_phone(&self.0)
+    }
+}
+
+impl std::fmt::Debug for UserPhone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "UserPhone({})", self.masked())
+    }
+}
+
+/// A status the relay is configured to accept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status(String);
+
+impl Status {
+    pub fn parse(raw: &str, accepted: &[String]) -> Result<Self, PayloadError> {
+        if accepted.iter().any(|s| s == raw) {
+            Ok(Self(raw.to_string()))
+        } else {
+            Err(PayloadError::UnsupportedStatus(
+                raw.chars().take(64).collect(),
+            ))
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// When SendTalk verified the number, in Unix milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerifiedTime(u64);
+
+impl VerifiedTime {
+    /// Accepts a JSON integer > 0 only: `1.0`, `1e12` and strings are refused.
+    pub fn parse(raw: &Value) -> Result<Self, PayloadError> {
+        match raw {
+            Value::Number(n) if n.is_u64() => match n.as_u64() {
+                Some(ms) if ms > 0 => Ok(Self(ms)),
+                _ => Err(PayloadError::field(
+                    "verifiedTime",
+                    "verifiedTime must be greater than 0",
+                )),
+            },
+            _ => Err(PayloadError::field(
+                "verifiedTime",
+                "verifiedTime must be an integer number of Unix milliseconds",
+            )),
+        }
+    }
+    pub fn millis(self) -> u64 {
+        self.0
+    }
+}
+
+/// A validated verification webhook.
+#[derive(Debug, Clone)]
+pub struct VerificationEvent {
+    pub id: VerificationId,
+    pub user_phone: UserPhone,
+    pub status: Status,
+    pub verified_time: VerifiedTime,
+}
+
+/// What payload parsing needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct PayloadRules {
+    pub accepted_statuses: Vec<String>,
+    pub max_event_age: Duration,
+}
+
+impl VerificationEvent {
+    /// Parses an authenticated body in the order of SPEC 2.2: JSON syntax,
+    /// then fields, then status, then age. `now_ms` is Unix milliseconds.
+    pub fn parse(
+        body: &AuthenticatedBody,
+        rules: &PayloadRules,
+        now_ms: u64,
+    ) -> Result<Self, PayloadError> {
+        let value: Value = serde_json::from_slice(body.bytes())
+            .map_err(|e| PayloadError::InvalidJson(e.to_string()))?;
+        let Value::Object(object) = value else {
+            return Err(PayloadError::field("", "body must be a JSON object"));
+        };
+        let id = VerificationId::parse(required_str(&object, "id")?)?;
+        let user_phone = UserPhone::parse(required_str(&object, "userPhone")?)?;
+        let raw_status = required_str(&object, "status")?;
+        let verified_time = VerifiedTime::parse(
+            object
+                .get("verifiedTime")
+                .ok_or_else(|| missing("verifiedTime"))?,
+        )?;
+        let status = Status::parse(raw_status, &rules.accepted_statuses)?;
+        check_age(verified_time, rules.max_event_age, now_ms)?;
+        Ok(Self {
+            id,
+            user_phone,
+            status,
+            verified_time,
+        })
+    }
+}
+
+fn missing(field: &'static str) -> PayloadError {
+    PayloadError::field(field, format!("{field} is required"))
+}
+
+fn required_str<'a>(
+    object: &'a Map<String, Value>,
+    field: &'static str,
+) -> Result<&'a str, PayloadError> {
+    match object.get(field) {
+        None | Some(Value::Null) => Err(missing(field)),
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(PayloadError::field(
+            field,
+            format!("{field} must be a string"),
+        )),
+    }
+}
+
+fn check_age(time: VerifiedTime, max_age: Duration, now_ms: u64) -> Result<(), PayloadError> {
+    let max_age_ms = u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX);
+    let skew_ms = u64::try_from(MAX_FUTURE_SKEW.as_millis()).unwrap_or(u64::MAX);
+    if now_ms.saturating_sub(time.millis()) > max_age_ms {
+        return Err(PayloadError::StaleEvent(format!(
+            "verifiedTime is older than {} seconds",
+            max_age.as_secs()
+        )));
+    }
+    if time.millis().saturating_sub(now_ms) > skew_ms {
+        return Err(PayloadError::StaleEvent(
+            "verifiedTime is too far in the future".into(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{sign, Verifier};
+    use crate::config::AuthMode;
+    use bytes::Bytes;
+    use secrecy::SecretString;
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn rules() -> PayloadRules {
+        PayloadRules {
+            accepted_statuses: vec!["verified".into()],
+            max_event_age: Duration::from_secs(604_800),
+        }
+    }
+
+    fn authed(body: &str) -> AuthenticatedBody {
+        let v = Verifier::new(
+            AuthMode::HmacSha256,
+            "x-sig",
+            &[SecretString::from("k")],
+            Duration::from_secs(1),
+        );
+        let h: actix_web::http::header::HeaderMap =
+            sign(AuthMode::HmacSha256, "x-sig", "k", body.as_bytes(), 0, "")
+                .into_iter()
+                .map(|(k, v)| {
+                    (
+                        actix_web::http::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                        actix_web::http::header::HeaderValue::from_str(&v).unwrap(),
+                    )
+                })
+                .collect();
+        v.verify(&h, Bytes::from(body.to_string()), 0).unwrap()
+    }
+
+    fn parse(body: &str) -> Result<VerificationEvent, PayloadError> {
+        VerificationEvent::parse(&authed(body), &rules(), NOW)
+    }
+
+    fn body_with(field: &str, value: &str) -> String {
+        let mut v: serde_json::Map<String, Value> = serde_json::from_str(&format!(
+            r#"{{"id":"fc0977f2-baa9","userPhone":"628124630350","status":"verified","verifiedTime":{NOW}}}"#
+        ))
+        .unwrap();
+        if value == "<absent>" {
+            v.remove(field);
+        } else {
+            v.insert(field.into(), serde_json::from_str(value).unwrap());
+        }
+        Value::Object(v).to_string()
+    }
+
+    #[test]
+    fn a_valid_event_parses_and_keeps_unknown_fields_out_of_the_way() {
+        let e = parse(&body_with("extra", r#"{"nested":[1,2]}"#)).unwrap();
+        assert_eq!(e.id.as_str(), "fc0977f2-baa9");
+        assert_eq!(e.status.as_str(), "verified");
+        assert_eq!(e.verified_time.millis(), NOW);
+    }
+
+    #[test]
+    fn each_field_rule_names_its_field() {
+        let long_id = format!("\"{}\"", "a".repeat(129));
+        let cases: &[(&str, &str, &str)] = &[
+            ("id", "<absent>", "id"),
+            ("id", "\"\"", "id"),
+            ("id", "\"has space\"", "id"),
+            ("id", "\"caf\u{e9}\"", "id"),
+            ("id", "\"tab\\there\"", "id"),
+            ("id", &long_id, "id"),
+            ("id", "42", "id"),
+            ("userPhone", "<absent>", "userPhone"),
+            ("userPhone", "\"1234\"", "userPhone"),
+            ("userPhone", "\"1234567890123456\"", "userPhone"),
+            ("userPhone", "\"+628124630350\"", "userPhone"),
+            ("userPhone", "628124630350", "userPhone"),
+            ("status", "<absent>", "status"),
+            ("status", "true", "status"),
+            ("verifiedTime", "<absent>", "verifiedTime"),
+            ("verifiedTime", "1.0", "verifiedTime"),
+            ("verifiedTime", "1e12", "verifiedTime"),
+            ("verifiedTime", "\"1692847205385\"", "verifiedTime"),
+            ("verifiedTime", "0", "verifiedTime"),
+            ("verifiedTime", "-5", "verifiedTime"),
+            ("verifiedTime", "null", "verifiedTime"),
+        ];
+        for (field, value, expected) in cases {
+            let err = parse(&body_with(field, value)).unwrap_err();
+            assert!(
+                matches!(err, PayloadError::InvalidPayload { .. }),
+                "{field}={value}: {err:?}"
+            );
+            assert_eq!(err.field_name(), *expected, "{field}={value}");
+        }
+        let long_ok = format!("\"{}\"", "~".repeat(128));
+        assert!(parse(&body_with("id", &long_ok)).is_ok());
+    }
+
+    #[test]
+    fn syntax_comes_before_fields_and_fields_before_status_and_age() {
+        assert!(matches!(
+            parse("{not json").unwrap_err(),
+            PayloadError::InvalidJson(_)
+        ));
+        assert!(matches!(
+            parse("[1]").unwrap_err(),
+            PayloadError::InvalidPayload { field: "", .. }
+        ));
+        let bad_both = body_with("status", "\"pending\"").replace("628124630350", "12");
+        assert_eq!(parse(&bad_both).unwrap_err().field_name(), "userPhone");
+        let status_and_age = body_with("status", "\"pending\"").replace(&NOW.to_string(), "1");
+        assert!(matches!(
+            parse(&status_and_age).unwrap_err(),
+            PayloadError::UnsupportedStatus(_)
+        ));
+    }
+
+    #[test]
+    fn replay_guard_rejects_old_and_future_events() {
+        let old = NOW - 604_800_001;
+        assert!(matches!(
+            parse(&body_with("verifiedTime", &old.to_string())).unwrap_err(),
+            PayloadError::StaleEvent(_)
+        ));
+        assert!(parse(&body_with("verifiedTime", &(NOW - 604_800_000).to_string())).is_ok());
+        assert!(parse(&body_with("verifiedTime", &(NOW + 300_000).to_string())).is_ok());
+        let future = parse(&body_with("verifiedTime", &(NOW + 300_001).to_string())).unwrap_err();
+        assert_eq!(future.field_name(), "verifiedTime");
+    }
+
+    #[test]
+    fn media_type_allows_parameters_only() {
+        assert!(check_media_type(Some(b"application/json")).is_ok());
+        assert!(check_media_type(Some(b"Application/JSON; charset=utf-8")).is_ok());
+        assert!(check_media_type(Some(b"text/plain")).is_err());
+        assert!(check_media_type(Some(b"application/jsonx")).is_err());
+        assert!(check_media_type(None).is_err());
+    }
+
+    #[test]
+    fn phone_debug_output_is_masked() {
+        let p = UserPhone::parse("6281212345678").unwrap();
+        assert_eq!(format!("{p:?}"), "UserPhone(6281****678)");
+    }
+}

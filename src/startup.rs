@@ -1,0 +1,297 @@
+//! Building the application: the only place that creates clients, binds
+//! sockets and spawns background tasks. `main` and the tests start the relay
+//! the same way: [`Application::build`] then [`Application::run_until_stopped`].
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::dev::{Server, ServerHandle};
+use actix_web::{web, App, HttpServer};
+use anyhow::Context as _;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Verifier;
+use crate::config::{DedupBackend, Settings, SinkKind};
+use crate::dedup::{Dedup, DedupPolicy, MemoryDedup, RedisDedup};
+use crate::metrics::Metrics;
+use crate::payload::PayloadRules;
+use crate::publish::{AmqpPublisher, Sink, StdoutSink};
+use crate::routes::admin::{self, AdminState};
+use crate::routes::webhook::{self, Relay};
+use crate::spool::Spool;
+
+/// How long start-up waits for the first broker connection before serving
+/// anyway (events spool until it comes).
+const INITIAL_CONNECT_WAIT: Duration = Duration::from_secs(3);
+/// How often the dedup store is pinged for the `redis_connected` gauge.
+const REDIS_PING_EVERY: Duration = Duration::from_secs(1);
+/// Headers must arrive within this; slow-loris connections are cut.
+const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A built relay: sockets bound, clients created, not yet stopped.
+pub struct Application {
+    webhook_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    webhook_server: ServerHandle,
+    admin_server: ServerHandle,
+    tasks: Vec<JoinHandle<()>>,
+    servers: Vec<JoinHandle<std::io::Result<()>>>,
+    /// Cancelled after the webhook listener has drained, so background work
+    /// (publishing, draining) outlives every in-flight request.
+    background: CancellationToken,
+    accepting: Arc<AtomicBool>,
+    grace: Duration,
+    metrics: Metrics,
+    spool: Option<Spool>,
+    publisher: Option<AmqpPublisher>,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application")
+            .field("webhook_addr", &self.webhook_addr)
+            .field("admin_addr", &self.admin_addr)
+            .finish()
+    }
+}
+
+impl Application {
+    /// Creates the clients, binds both listeners and starts serving.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let metrics = Metrics::new();
+        let background = CancellationToken::new();
+        let mut tasks = Vec::new();
+
+        let (sink, publisher) = match settings.sink {
+            SinkKind::Stdout => (
+                Sink::Stdout(StdoutSink::new(&settings.amqp.routing_key)),
+                None,
+            ),
+            SinkKind::Amqp => {
+                let publisher = AmqpPublisher::new(
+                    settings.amqp.clone(),
+                    metrics.amqp_connected.clone(),
+                    metrics.unroutable.clone(),
+                    metrics.publish_duration.clone(),
+                );
+                tasks.push(tokio::spawn(
+                    publisher.clone().supervise(background.clone()),
+                ));
+                if !publisher.wait_connected(INITIAL_CONNECT_WAIT).await {
+                    tracing::warn!(
+                        "broker not reachable at start-up; serving anyway, events are spooled"
+                    );
+                }
+                (Sink::Amqp(publisher.clone()), Some(publisher))
+            }
+        };
+        let sink = Arc::new(sink);
+
+        let spool = if settings.spool.enabled && settings.sink == SinkKind::Amqp {
+            let spool = Spool::open(
+                &settings.spool.dir,
+                settings.spool.max_bytes,
+                metrics.spool_depth.clone(),
+                metrics.spool_bytes.clone(),
+            )
+            .with_context(|| {
+                format!(
+                    "Failed to open the spool in {}",
+                    settings.spool.dir.display()
+                )
+            })?;
+            tasks.push(tokio::spawn(
+                spool.clone().drain(sink.clone(), background.clone()),
+            ));
+            Some(spool)
+        } else {
+            None
+        };
+
+        let policy = DedupPolicy {
+            key_prefix: settings.dedup.key_prefix.clone(),
+            ttl: settings.dedup.ttl(),
+            lease: settings.dedup.lease(),
+        };
+        let dedup = match settings.dedup.backend {
+            DedupBackend::Memory => Dedup::Memory(MemoryDedup::new(policy)),
+            DedupBackend::Redis => Dedup::Redis(
+                RedisDedup::new(&settings.redis.url, policy)
+                    .context("Failed to create the Redis client")?,
+            ),
+        };
+
+        let relay = web::Data::new(Relay {
+            verifier: Verifier::new(
+                settings.auth.mode,
+                &settings.auth.header,
+                &settings.resolved_secrets,
+                settings.auth.tolerance(),
+            ),
+            rules: PayloadRules {
+                accepted_statuses: settings.webhook.accepted_statuses.clone(),
+                max_event_age: settings.webhook.max_event_age(),
+            },
+            dedup,
+            on_unavailable: settings.dedup.on_unavailable,
+            sink: sink.clone(),
+            spool: spool.clone(),
+            metrics: metrics.clone(),
+            max_body_bytes: settings.http.max_body_bytes,
+        });
+        if settings.dedup.backend == DedupBackend::Redis {
+            tasks.push(tokio::spawn(ping_dedup(relay.clone(), background.clone())));
+        }
+
+        let accepting = Arc::new(AtomicBool::new(true));
+        let admin_state = web::Data::new(AdminState {
+            metrics: metrics.clone(),
+            sink,
+            spool: spool.clone(),
+            accepting: accepting.clone(),
+        });
+
+        let webhook_listener = TcpListener::bind(settings.http.listen)
+            .with_context(|| format!("Failed to bind http.listen {}", settings.http.listen))?;
+        let admin_listener = TcpListener::bind(settings.admin.listen)
+            .with_context(|| format!("Failed to bind admin.listen {}", settings.admin.listen))?;
+        let webhook_addr = webhook_listener
+            .local_addr()
+            .context("Failed to read the webhook address")?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .context("Failed to read the admin address")?;
+
+        let path = settings.http.webhook_path.clone();
+        let webhook_server: Server = HttpServer::new(move || {
+            App::new()
+                .app_data(relay.clone())
+                .service(
+                    web::resource(path.as_str())
+                        .route(web::post().to(webhook::receive))
+                        .default_service(web::to(webhook::method_not_allowed)),
+                )
+                .default_service(web::to(webhook::not_found))
+        })
+        .listen(webhook_listener)
+        .context("Failed to listen on http.listen")?
+        .disable_signals()
+        .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
+        .shutdown_timeout(settings.shutdown.grace_secs)
+        .run();
+
+        let admin_server: Server = HttpServer::new(move || {
+            App::new()
+                .app_data(admin_state.clone())
+                .route("/healthz", web::get().to(admin::healthz))
+                .route("/readyz", web::get().to(admin::readyz))
+                .route("/metrics", web::get().to(admin::metrics))
+        })
+        .workers(1)
+        .listen(admin_listener)
+        .context("Failed to listen on admin.listen")?
+        .disable_signals()
+        .shutdown_timeout(1)
+        .run();
+
+        let handles = (webhook_server.handle(), admin_server.handle());
+        let servers = vec![tokio::spawn(webhook_server), tokio::spawn(admin_server)];
+        tracing::info!(
+            webhook = %webhook_addr,
+            path = settings.http.webhook_path,
+            admin = %admin_addr,
+            auth_mode = settings.auth.mode.as_str(),
+            sink = ?settings.sink,
+            dedup = ?settings.dedup.backend,
+            "sendtalk-relay listening"
+        );
+        Ok(Self {
+            webhook_addr,
+            admin_addr,
+            webhook_server: handles.0,
+            admin_server: handles.1,
+            tasks,
+            servers,
+            background,
+            accepting,
+            grace: settings.shutdown.grace(),
+            metrics,
+            spool,
+            publisher,
+        })
+    }
+
+    pub fn webhook_addr(&self) -> SocketAddr {
+        self.webhook_addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn spool(&self) -> Option<&Spool> {
+        self.spool.as_ref()
+    }
+
+    pub fn publisher(&self) -> Option<&AmqpPublisher> {
+        self.publisher.as_ref()
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains in order: readiness
+    /// goes 503, the webhook listener stops accepting and finishes in-flight
+    /// requests within the grace period, background tasks stop (the AMQP
+    /// channel is closed cleanly, the spool is already fsynced), and the
+    /// admin listener stops last.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        shutdown.cancelled().await;
+        self.accepting.store(false, Ordering::Release);
+        tracing::info!(
+            grace_secs = self.grace.as_secs(),
+            "shutting down: readiness is 503, finishing in-flight webhooks"
+        );
+        let started = Instant::now();
+        self.webhook_server.stop(true).await;
+        if started.elapsed() >= self.grace {
+            tracing::warn!(
+                grace_secs = self.grace.as_secs(),
+                "grace period ran out; remaining connections were closed"
+            );
+        }
+        self.background.cancel();
+        for task in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+        if let Some(spool) = &self.spool {
+            if spool.depth() > 0 {
+                tracing::info!(
+                    depth = spool.depth(),
+                    "spooled events remain; they drain at the next start"
+                );
+            }
+        }
+        self.admin_server.stop(true).await;
+        for server in self.servers {
+            let _ = server.await;
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+async fn ping_dedup(relay: web::Data<Relay>, shutdown: CancellationToken) {
+    loop {
+        let up = relay.dedup.ping().await;
+        relay.metrics.redis_connected.set(i64::from(up));
+        tokio::select! {
+            () = tokio::time::sleep(REDIS_PING_EVERY) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
