@@ -1,0 +1,344 @@
+//! The binary as an operator uses it (SPEC 7-8): configuration errors exit
+//! 64 naming the key, `check-config` redacts secrets, `sign` and `send-test`
+//! act as a sender, and the logs never carry a secret or a full phone number.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn relay() -> Command {
+    let mut cmd = Command::new(relay_bin());
+    // Start from a clean slate: no inherited SENDTALK_RELAY* variables.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SENDTALK_RELAY") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env_remove("RUST_LOG");
+    cmd
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn an_unknown_environment_key_stops_start_up_with_exit_64_naming_it() {
+    let out = relay()
+        .env("SENDTALK_RELAY__HTTP__LISTN", "127.0.0.1:1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("http.listn"), "{err}");
+}
+
+#[test]
+fn an_unknown_file_key_and_a_bad_value_exit_64_for_check_config_too() {
+    let dir = std::env::temp_dir().join(unique("cli"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, "[auth]\nsecrets = [\"x\"]\n[spool]\nmax_byts = 1\n").unwrap();
+    let out = relay()
+        .args(["check-config", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("spool.max_byts"));
+
+    std::fs::write(
+        &file,
+        "[auth]\nsecrets = [\"x\"]\n[dedup]\nttl_secs = \"soon\"\n",
+    )
+    .unwrap();
+    let out = relay()
+        .arg("check-config")
+        .env("SENDTALK_RELAY_CONFIG", &file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("dedup.ttl_secs"));
+
+    let out = relay()
+        .arg("check-config")
+        .env("SENDTALK_RELAY__WEBHOOK__MAX_EVENT_AGE_SECS", "700000")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("webhook.max_event_age_secs"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn check_config_prints_the_effective_configuration_with_secrets_redacted() {
+    let out = relay()
+        .arg("check-config")
+        .args([
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"),
+        ])
+        .env(
+            "SENDTALK_RELAY__AUTH__SECRETS",
+            "super-secret-1,super-secret-2",
+        )
+        .env(
+            "SENDTALK_RELAY__AMQP__URI",
+            "amqp://app:broker-pass@mq:5672/%2f",
+        )
+        .env("SENDTALK_RELAY__HTTP__MAX_BODY_BYTES", "1000")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains("super-secret") && !text.contains("broker-pass"),
+        "{text}"
+    );
+    assert!(text.contains("\"<redacted>\""));
+    let parsed: toml::Value = toml::from_str(&text).unwrap();
+    assert_eq!(
+        parsed["http"]["max_body_bytes"].as_integer(),
+        Some(1000),
+        "env overrides the file"
+    );
+    assert_eq!(parsed["sink"].as_str(), Some("amqp"));
+}
+
+#[test]
+fn help_describes_every_command() {
+    let out = relay().arg("--help").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for word in [
+        "serve",
+        "check-config",
+        "sign",
+        "send-test",
+        "--config",
+        "SENDTALK_RELAY_CONFIG",
+    ] {
+        assert!(text.contains(word), "--help lacks {word}:\n{text}");
+    }
+}
+
+#[test]
+fn sign_prints_the_headers_a_sender_attaches() {
+    let body = br#"{"id":"x"}"#;
+    let mut child = relay()
+        .args(["sign", "--secret", "k3y"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(body).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.trim(),
+        format!("X-SendTalk-Signature: {}", hmac_hex("k3y", body))
+    );
+
+    let mut child = relay()
+        .args([
+            "sign",
+            "--mode",
+            "standard-webhooks",
+            "--secret",
+            "whsec_a2V5",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(body).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for name in [
+        "webhook-id: ",
+        "webhook-timestamp: ",
+        "webhook-signature: v1,",
+    ] {
+        assert!(text.contains(name), "{text}");
+    }
+}
+
+struct Running {
+    child: Child,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Running {
+    fn start(mut cmd: Command) -> Self {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = stderr.clone();
+        let pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Self { child, stderr }
+    }
+
+    fn wait_for_log(&self, needle: &str, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.stderr.lock().unwrap().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    fn terminate(mut self) -> (Option<i32>, String, String) {
+        unsafe_kill(self.child.id(), "TERM");
+        let status = self.child.wait().unwrap();
+        let mut stdout = String::new();
+        use std::io::Read;
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut stdout)
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let stderr = self.stderr.lock().unwrap().clone();
+        (status.code(), stdout, stderr)
+    }
+}
+
+fn unsafe_kill(pid: u32, signal: &str) {
+    Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+}
+
+#[test]
+fn embedded_defaults_relay_a_send_test_event_to_stdout_and_logs_stay_clean() {
+    let port = free_port();
+    let admin = free_port();
+    let mut cmd = relay();
+    cmd.env("SENDTALK_RELAY__HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        .env(
+            "SENDTALK_RELAY__ADMIN__LISTEN",
+            format!("127.0.0.1:{admin}"),
+        );
+    let running = Running::start(cmd);
+    assert!(running.wait_for_log("sendtalk-relay listening", Duration::from_secs(10)));
+    assert!(running.stderr.lock().unwrap().contains("embedded defaults"));
+    assert!(
+        !running.stderr.lock().unwrap().contains("dev-secret\""),
+        "the secret is never printed"
+    );
+
+    let url = format!("http://127.0.0.1:{port}/webhooks/sendtalk/verification");
+    let out = relay()
+        .args(["send-test", "--url", &url, "--id", "cli-event-1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        answer.starts_with("200 ") && answer.contains("\"published\""),
+        "{answer}"
+    );
+    let again = relay()
+        .args(["send-test", "--url", &url, "--id", "cli-event-1"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&again.stdout).contains("duplicate"));
+    let wrong = relay()
+        .args(["send-test", "--url", &url, "--secret", "nope"])
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success(), "a non-2xx answer exits non-zero");
+    assert!(String::from_utf8_lossy(&wrong.stdout).starts_with("401 "));
+
+    let (code, stdout, stderr) = running.terminate();
+    assert_eq!(code, Some(0), "SIGTERM exits 0");
+    let events: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 1, "{stdout}");
+    assert_eq!(events[0]["message_id"], "cli-event-1");
+    assert_eq!(events[0]["body"]["userPhone"], "6281212345678");
+    // One JSON log line per webhook, with the phone masked.
+    let webhook_lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "webhook")
+        .collect();
+    assert_eq!(webhook_lines.len(), 3, "{stderr}");
+    assert_eq!(webhook_lines[0]["user_phone"], "6281****678");
+    assert_eq!(webhook_lines[0]["verification_id"], "cli-event-1");
+    assert!(
+        webhook_lines[0]["latency_ms"].is_number() && webhook_lines[0]["request_id"].is_string()
+    );
+    assert!(
+        !stderr.contains("6281212345678"),
+        "full phone number in logs:\n{stderr}"
+    );
+    assert!(!stderr.contains("dev-secret"), "secret in logs");
+    assert!(stderr.contains("stopped"));
+}
+
+#[test]
+fn configured_secrets_never_reach_the_logs_even_at_debug_level() {
+    let port = free_port();
+    let admin = free_port();
+    let mut cmd = relay();
+    cmd.env("SENDTALK_RELAY__HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        .env(
+            "SENDTALK_RELAY__ADMIN__LISTEN",
+            format!("127.0.0.1:{admin}"),
+        )
+        .env("SENDTALK_RELAY__AUTH__SECRETS", "very-private-key")
+        .env("RUST_LOG", "debug");
+    let running = Running::start(cmd);
+    assert!(running.wait_for_log("sendtalk-relay listening", Duration::from_secs(10)));
+    let url = format!("http://127.0.0.1:{port}/webhooks/sendtalk/verification");
+    let out = relay()
+        .args(["send-test", "--url", &url, "--secret", "very-private-key"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let out = relay()
+        .args(["send-test", "--url", &url, "--secret", "guess"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let (code, _, stderr) = running.terminate();
+    assert_eq!(code, Some(0));
+    for secret in ["very-private-key", "guess", "6281212345678"] {
+        assert!(!stderr.contains(secret), "{secret} leaked:\n{stderr}");
+    }
+}
