@@ -25,8 +25,10 @@ pub const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_millis(2_000);
 const LEASE_PREFIX: &str = "lease:";
 
 /// Claims a key atomically: 0 = claimed, 1 = already committed, 2 = leased.
+/// Finding our own token counts as claimed, so a retried claim is idempotent.
 const CLAIM_SCRIPT: &str = r"
 local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then return 0 end
 if v then
   if string.sub(v, 1, 6) == 'lease:' then return 2 end
   return 1
@@ -42,6 +44,7 @@ if v == false or v == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
   return 1
 end
+if v == ARGV[2] then return 1 end
 return 0";
 
 /// Deletes the key only if it still holds our lease.
@@ -186,16 +189,26 @@ impl RedisDedup {
         format!("{}{}", self.policy.key_prefix, id.as_str())
     }
 
+    /// Runs a script, retrying once when the connection was found broken:
+    /// after a Redis restart the first command meets the dead socket, and
+    /// every script here is idempotent.
+    async fn invoke(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<i64, DedupError> {
+        let mut conn = self.conn.clone();
+        match invocation.invoke_async::<i64>(&mut conn).await {
+            Ok(v) => Ok(v),
+            Err(e) if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() => {
+                let mut conn = self.conn.clone();
+                Ok(invocation.invoke_async::<i64>(&mut conn).await?)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     async fn claim(&self, id: &VerificationId) -> Result<Claim, DedupError> {
         let token = LeaseToken::new();
         let lease_ms = u64::try_from(self.policy.lease.as_millis()).unwrap_or(u64::MAX);
-        let mut conn = self.conn.clone();
-        let code: i64 = self
-            .claim
-            .key(self.key(id))
-            .arg(&token.0)
-            .arg(lease_ms)
-            .invoke_async(&mut conn)
+        let code = self
+            .invoke(self.claim.key(self.key(id)).arg(&token.0).arg(lease_ms))
             .await?;
         Ok(match code {
             0 => Claim::Claimed(token),
@@ -210,14 +223,15 @@ impl RedisDedup {
         token: &LeaseToken,
         record: &str,
     ) -> Result<(), DedupError> {
-        let mut conn = self.conn.clone();
-        let ok: i64 = self
-            .commit
-            .key(self.key(id))
-            .arg(&token.0)
-            .arg(record)
-            .arg(self.policy.ttl.as_secs())
-            .invoke_async(&mut conn)
+        let ttl = self.policy.ttl.as_secs();
+        let ok = self
+            .invoke(
+                self.commit
+                    .key(self.key(id))
+                    .arg(&token.0)
+                    .arg(record)
+                    .arg(ttl),
+            )
             .await?;
         if ok == 1 {
             Ok(())
@@ -227,12 +241,7 @@ impl RedisDedup {
     }
 
     async fn release(&self, id: &VerificationId, token: &LeaseToken) -> Result<(), DedupError> {
-        let mut conn = self.conn.clone();
-        let _: i64 = self
-            .release
-            .key(self.key(id))
-            .arg(&token.0)
-            .invoke_async(&mut conn)
+        self.invoke(self.release.key(self.key(id)).arg(&token.0))
             .await?;
         Ok(())
     }

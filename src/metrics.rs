@@ -127,9 +127,12 @@ impl Metrics {
             ),
             amqp_connected: gauge(
                 "amqp_connected",
-                "1 while a confirmed channel to the broker is open.",
+                "Whether a confirmed channel to the broker is open (1) or not (0).",
             ),
-            redis_connected: gauge("redis_connected", "1 while the dedup store answers."),
+            redis_connected: gauge(
+                "redis_connected",
+                "Whether the Redis dedup store answers (1) or not (0); 0 with the memory backend.",
+            ),
             dedup_skipped: counter(
                 "dedup_skipped_total",
                 "Events published without a dedup check because the dedup store was unavailable.",

@@ -511,6 +511,22 @@ pub fn header(d: &Delivery, name: &str) -> Option<String> {
         .and_then(sendtalk_relay::publish::header_text)
 }
 
+/// The value of one sample in Prometheus text (`name` with its labels, if any).
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+impl TestApp {
+    /// One metric sample read from the admin listener.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        metric(&self.admin("/metrics").await.1, name)
+    }
+}
+
 /// Polls `f` until it returns true or `within` passes.
 pub async fn eventually<F, Fut>(within: Duration, mut f: F) -> bool
 where
