@@ -354,21 +354,49 @@ pub async fn post_raw(
     body: Vec<u8>,
     headers: &[(&str, &str)],
 ) -> Answer {
+    try_post(client, url, body, headers)
+        .await
+        .expect("relay answers")
+}
+
+/// Like [`post_raw`], but `None` when the connection fails (a relay that is
+/// shutting down); a non-JSON answer still fails the test.
+pub async fn try_post(
+    client: &reqwest::Client,
+    url: &str,
+    body: Vec<u8>,
+    headers: &[(&str, &str)],
+) -> Option<Answer> {
     let mut req = client.post(url);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let r = req.body(body).send().await.expect("relay answers");
+    let r = req.body(body).send().await.ok()?;
     let status = r.status().as_u16();
     let headers = r.headers().clone();
-    let text = r.text().await.unwrap();
+    let text = r.text().await.ok()?;
     let json = serde_json::from_str(&text)
         .unwrap_or_else(|_| panic!("answer is not JSON: {status} {text:?}"));
-    Answer {
+    Some(Answer {
         status,
         headers,
         json,
-    }
+    })
+}
+
+/// POSTs a body signed with the test secret.
+pub async fn try_post_signed(client: &reqwest::Client, url: &str, body: &str) -> Option<Answer> {
+    let sig = hmac_hex(SECRET, body.as_bytes());
+    try_post(
+        client,
+        url,
+        body.as_bytes().to_vec(),
+        &[
+            ("content-type", "application/json"),
+            ("x-sendtalk-signature", &sig),
+        ],
+    )
+    .await
 }
 
 /// A consumer with its own exclusive queue bound to an exchange.
