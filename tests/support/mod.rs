@@ -284,6 +284,11 @@ impl TestApp {
             .unwrap();
     }
 
+    /// The token that stops this app (to trigger shutdown without waiting).
+    pub fn stop_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
     /// Stops the relay gracefully and waits for it.
     pub async fn stop(&mut self) {
         self.shutdown.cancel();
