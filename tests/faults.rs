@@ -451,3 +451,37 @@ async fn three_relays_sharing_redis_publish_each_of_100_ids_once_across_a_broker
     drop(apps);
     cleanup_names(&exchange, &prefix).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_answers_503_and_releases_the_claim() {
+    let broker = FaultProxy::start(addr(BROKER)).await;
+    let mut app = app_behind(
+        &broker,
+        None,
+        Options::default().env("SPOOL__MAX_BYTES", "600"),
+    )
+    .await;
+    broker.cut();
+    let first = unique("fits");
+    assert_eq!(app.post(&event_body(&first)).await.status, 202);
+    let second = unique("full");
+    let a = app.post(&event_body(&second)).await;
+    assert_eq!((a.status, a.code()), (503, "unavailable"), "{:?}", a.json);
+    assert!(a.headers.contains_key("retry-after"));
+    assert_eq!(app.redis_get(&second).await, None, "claim released");
+    assert_eq!(
+        app.admin("/readyz").await.0,
+        503,
+        "neither broker nor spool can take an event"
+    );
+    broker.restore();
+    let accepted = HashSet::from([first]);
+    let (lost, _) = deliveries(app.consumer(), &accepted, Duration::from_secs(20)).await;
+    assert!(lost.is_empty());
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            app.admin("/readyz").await.0 == 200
+        })
+        .await
+    );
+}
