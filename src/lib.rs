@@ -19,7 +19,7 @@
 //! - [`metrics`]: every exported metric, in one registry per app.
 //! - [`routes`]: the webhook endpoint (where the stages meet) and admin endpoints.
 //! - [`startup`]: the only place that creates clients and binds sockets.
-//! - [`shutdown`]: signals.
+//! - [`shutdown`]: signal handling.
 //! - [`cli`]: the `sign` and `send-test` helpers of the command line.
 
 pub mod auth;

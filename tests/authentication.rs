@@ -1,6 +1,8 @@
 //! SPEC 2.1 end to end: the three modes, rotation, wrong secrets, signatures
 //! over another body, stale timestamps; nothing unauthenticated is published.
 
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns panic on purpose
+
 mod support;
 
 use std::time::Duration;

@@ -2,6 +2,8 @@
 //! 64 naming the key, `check-config` redacts secrets, `sign` and `send-test`
 //! act as a sender, and the logs never carry a secret or a full phone number.
 
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns panic on purpose
+
 mod support;
 
 use std::io::{BufRead, BufReader, Write};

@@ -3,6 +3,8 @@
 //! connection. Oracle everywhere: every id answered 2xx reaches a bound queue
 //! (lost = 0), and an id answered with an error is never half-done.
 
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns panic on purpose
+
 mod support;
 
 use std::collections::{HashMap, HashSet};

@@ -3,6 +3,8 @@
 //! code and field, the relay stays up, and nothing reaches the broker, Redis
 //! or the quarantine.
 
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns panic on purpose
+
 mod support;
 
 use std::time::Duration;
@@ -239,7 +241,7 @@ fn cases() -> Vec<Case> {
         // verifiedTime
         case(
             "time missing",
-            format!(r#"{{"id":"a","userPhone":"6281212345","status":"verified"}}"#),
+            r#"{"id":"a","userPhone":"6281212345","status":"verified"}"#.to_string(),
             400,
             "invalid_payload",
             "verifiedTime",

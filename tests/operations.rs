@@ -1,6 +1,8 @@
 //! The admin listener (SPEC 6): liveness, readiness through shutdown, and
 //! metrics that move with the traffic.
 
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns panic on purpose
+
 mod support;
 
 use std::time::Duration;

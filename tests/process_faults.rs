@@ -1,6 +1,8 @@
 //! The relay as a real process: `kill -9` with events in the spool, and
 //! SIGTERM under load. Every id answered 2xx must reach the broker.
 
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns panic on purpose
+
 mod support;
 
 use std::collections::{HashMap, HashSet};

@@ -2,6 +2,8 @@
 //! RabbitMQ: every row of the response table, the message properties, and
 //! deduplication.
 
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns panic on purpose
+
 mod support;
 
 use std::time::Duration;

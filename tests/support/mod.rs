@@ -4,6 +4,8 @@
 //! TCP fault proxy. Logs only when `TEST_LOG` is set.
 
 #![allow(dead_code)]
+// Test support panics on purpose: a failed set-up is a failed test.
+#![allow(clippy::unwrap_used)]
 
 pub mod proxy;
 

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! A TCP fault proxy on loopback: stands between the relay and Redis or
 //! RabbitMQ so tests can cut, blackhole and restore the connection without
 //! touching the machine's shared services.
