@@ -298,6 +298,25 @@ impl Spool {
         }
     }
 
+    /// Drains what it can within `within` (used at shutdown, after the
+    /// webhook listener has stopped). Whatever is left stays on disk for the
+    /// next start.
+    pub async fn flush(&self, sink: &Sink, within: Duration) {
+        let deadline = Instant::now() + within;
+        let mut skip = HashMap::new();
+        while self.depth() > 0 && sink.is_available() && Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.drain_once(sink, &mut skip)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "spool flush failed");
+                    return;
+                }
+                _ => return,
+            }
+        }
+    }
+
     /// One round: publish a batch concurrently, delete the confirmed ones.
     /// Returns how many were confirmed.
     async fn drain_once(

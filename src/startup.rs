@@ -28,6 +28,9 @@ use crate::spool::Spool;
 const INITIAL_CONNECT_WAIT: Duration = Duration::from_secs(3);
 /// How often the dedup store is pinged for the `redis_connected` gauge.
 const REDIS_PING_EVERY: Duration = Duration::from_secs(1);
+/// Longest the shutdown spends pushing spooled events to the broker; the
+/// rest drains at the next start.
+const SHUTDOWN_FLUSH_MAX: Duration = Duration::from_secs(5);
 /// Headers must arrive within this; slow-loris connections are cut.
 const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -42,6 +45,10 @@ pub struct Application {
     /// Cancelled after the webhook listener has drained, so background work
     /// (publishing, draining) outlives every in-flight request.
     background: CancellationToken,
+    /// Stops the spool drainer before the final flush at shutdown.
+    drain_stop: CancellationToken,
+    drainer: Option<JoinHandle<()>>,
+    sink: Arc<Sink>,
     accepting: Arc<AtomicBool>,
     grace: Duration,
     metrics: Metrics,
@@ -89,8 +96,9 @@ impl Application {
             }
         };
         let sink = Arc::new(sink);
+        let drain_stop = CancellationToken::new();
 
-        let spool = if settings.spool.enabled && settings.sink == SinkKind::Amqp {
+        let (spool, drainer) = if settings.spool.enabled && settings.sink == SinkKind::Amqp {
             let spool = Spool::open(
                 &settings.spool.dir,
                 settings.spool.max_bytes,
@@ -103,12 +111,10 @@ impl Application {
                     settings.spool.dir.display()
                 )
             })?;
-            tasks.push(tokio::spawn(
-                spool.clone().drain(sink.clone(), background.clone()),
-            ));
-            Some(spool)
+            let drainer = tokio::spawn(spool.clone().drain(sink.clone(), drain_stop.clone()));
+            (Some(spool), Some(drainer))
         } else {
-            None
+            (None, None)
         };
 
         let policy = DedupPolicy {
@@ -146,6 +152,7 @@ impl Application {
             tasks.push(tokio::spawn(ping_dedup(relay.clone(), background.clone())));
         }
 
+        let sink_for_shutdown = sink.clone();
         let accepting = Arc::new(AtomicBool::new(true));
         let admin_state = web::Data::new(AdminState {
             metrics: metrics.clone(),
@@ -216,6 +223,9 @@ impl Application {
             tasks,
             servers,
             background,
+            drain_stop,
+            drainer,
+            sink: sink_for_shutdown,
             accepting,
             grace: settings.shutdown.grace(),
             metrics,
@@ -263,6 +273,19 @@ impl Application {
                 grace_secs = self.grace.as_secs(),
                 "grace period ran out; remaining connections were closed"
             );
+        }
+        // Stop the drainer first, then give the spool one last bounded
+        // chance to reach the broker while the channel is still open.
+        if let Some(drainer) = self.drainer {
+            self.drain_stop.cancel();
+            let _ = drainer.await;
+        }
+        if let Some(spool) = &self.spool {
+            let left = self
+                .grace
+                .saturating_sub(started.elapsed())
+                .min(SHUTDOWN_FLUSH_MAX);
+            spool.flush(&self.sink, left).await;
         }
         self.background.cancel();
         for task in self.tasks {
