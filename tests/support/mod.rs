@@ -343,13 +343,27 @@ pub async fn cleanup_names(exchange: &str, prefix: &str) {
     }
     if let Ok(client) = redis::Client::open(REDIS_URL) {
         if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(format!("{prefix}*"))
-                .query_async(&mut conn)
-                .await
-                .unwrap_or_default();
-            if !keys.is_empty() {
-                let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
+            // SCAN, not KEYS: never block the shared Redis, even after a soak.
+            let mut cursor: u64 = 0;
+            loop {
+                let Ok((next, keys)): Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(format!("{prefix}*"))
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut conn)
+                    .await
+                else {
+                    break;
+                };
+                if !keys.is_empty() {
+                    let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
         }
     }
