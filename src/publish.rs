@@ -389,6 +389,8 @@ impl AmqpPublisher {
                         break;
                     }
                     tracing::warn!("broker connection lost; events are spooled until it is back");
+                    // Start over from the first URI: it is the preferred broker.
+                    next_uri = 0;
                 }
                 Err(e) => {
                     tracing::warn!(broker = %crate::config::redact_url_password(uri), error = %e, retry_in_ms = delay.as_millis() as u64, "could not connect to the broker");
