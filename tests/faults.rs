@@ -487,3 +487,24 @@ async fn a_full_spool_answers_503_and_releases_the_claim() {
         .await
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_broker_in_the_uri_list_is_used_when_the_first_is_down() {
+    let down = FaultProxy::start(addr(BROKER)).await;
+    down.cut();
+    let uris = format!("{},{AMQP_URI}", down.amqp_uri());
+    let mut app = spawn_app_with(Options::default().env("AMQP__URI", uris)).await;
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            app.metric("sendtalk_relay_amqp_connected").await == Some(1.0)
+        })
+        .await
+    );
+    let id = unique("failover");
+    assert_eq!(app.post(&event_body(&id)).await.result(), "published");
+    let msgs = app
+        .consumer()
+        .collect(1, Duration::from_secs(10), Duration::from_millis(300))
+        .await;
+    assert_eq!(message_ids(&msgs), vec![id]);
+}
