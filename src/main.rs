@@ -100,11 +100,16 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 fn serve(settings: Settings) -> ExitCode {
     telemetry::init(&settings.log);
     if settings.embedded {
+        // Name the effective values: the environment may have replaced any
+        // of the embedded defaults.
         tracing::warn!(
+            sink = ?settings.sink,
+            dedup = ?settings.dedup.backend,
+            listen = %settings.http.listen,
             auth_mode = settings.auth.mode.as_str(),
             dev_secret = settings.using_dev_secret,
-            "no configuration file: running on embedded defaults (loopback only, in-memory dedup, stdout sink{})",
-            if settings.using_dev_secret { ", the public development secret" } else { "" }
+            "no configuration file: embedded defaults apply to every key the environment does not set{}",
+            if settings.using_dev_secret { "; accepting the public development secret" } else { "" }
         );
     }
     let result = runtime().map_err(anyhow::Error::from).and_then(|rt| {

@@ -31,6 +31,9 @@ const REDIS_PING_EVERY: Duration = Duration::from_secs(1);
 /// Longest the shutdown spends pushing spooled events to the broker; the
 /// rest drains at the next start.
 const SHUTDOWN_FLUSH_MAX: Duration = Duration::from_secs(5);
+/// Longest the background tasks (broker supervisor, Redis pinger) get to
+/// stop after the listener has drained; closing the AMQP channel is quick.
+const BACKGROUND_STOP_MAX: Duration = Duration::from_secs(3);
 /// Headers must arrive within this; slow-loris connections are cut.
 const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -288,8 +291,14 @@ impl Application {
             spool.flush(&self.sink, left).await;
         }
         self.background.cancel();
-        for task in self.tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        // One bound for all of them together: a hung task must not stretch
+        // the shutdown past what an orchestrator allows.
+        let tasks = futures_util::future::join_all(self.tasks);
+        if tokio::time::timeout(BACKGROUND_STOP_MAX, tasks)
+            .await
+            .is_err()
+        {
+            tracing::warn!("background tasks did not stop in time; exiting anyway");
         }
         if let Some(spool) = &self.spool {
             if spool.depth() > 0 {
