@@ -405,7 +405,7 @@ async fn an_unroutable_event_is_kept_in_the_spool_until_a_queue_is_bound() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_relays_sharing_redis_publish_each_of_100_ids_once_across_a_broker_cut() {
+async fn three_relays_sharing_redis_deliver_100_ids_once_each_except_across_an_ambiguous_cut() {
     let broker = FaultProxy::start(addr(BROKER)).await;
     let exchange = unique("test.trio");
     let prefix = format!("{}:", unique("test-trio"));
@@ -426,13 +426,14 @@ async fn three_relays_sharing_redis_publish_each_of_100_ids_once_across_a_broker
         for app in &apps {
             let app = app.clone();
             let body = event_body(id);
+            let id = id.clone();
             let delay = Duration::from_millis((n as u64) * 20);
             sends.push(tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
                 loop {
                     let a = app.post(&body).await;
                     if a.status != 409 && a.status != 503 {
-                        return a.status;
+                        return (id, a.status);
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -443,13 +444,27 @@ async fn three_relays_sharing_redis_publish_each_of_100_ids_once_across_a_broker
     broker.cut();
     tokio::time::sleep(Duration::from_millis(800)).await;
     broker.restore();
+    let mut queued = HashSet::new();
     for s in sends {
-        assert!((200..300).contains(&s.await.unwrap()));
+        let (id, status) = s.await.unwrap();
+        assert!((200..300).contains(&status));
+        if status == 202 {
+            queued.insert(id);
+        }
     }
     let accepted: HashSet<String> = ids.iter().cloned().collect();
     let (lost, dup) = deliveries(&mut consumer, &accepted, Duration::from_secs(40)).await;
     assert!(lost.is_empty(), "lost {lost:?}");
-    assert!(dup.is_empty(), "duplicated {dup:?}");
+    // SPEC 3: exactly one message per id while the broker answers in time.
+    // A publish in flight when the connection is cut may have been routed
+    // before its confirm was lost; it is spooled (202) and published again
+    // with the same message_id. Only such ids may appear twice.
+    for id in &dup {
+        assert!(
+            queued.contains(id),
+            "{id} duplicated although every answer for it was a confirmed 200"
+        );
+    }
     drop(apps);
     cleanup_names(&exchange, &prefix).await;
 }
