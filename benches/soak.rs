@@ -37,14 +37,6 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let secs = env_u64("SOAK_SECS", 600);
@@ -59,17 +51,10 @@ async fn main() {
     let spool = std::env::temp_dir().join(unique("soak-spool"));
     let mut consumer = TestConsumer::bind(&exchange, "#").await;
 
-    let (port, admin) = (free_port(), free_port());
-    let mut cmd = Command::new(relay_bin());
-    for (k, v) in base_env(&exchange, &prefix, &spool) {
-        cmd.env(k, v);
-    }
+    let mut cmd = relay_command();
+    cmd.envs(base_env(&exchange, &prefix, &spool));
+    let (port, admin) = listen_on_free_ports(&mut cmd);
     let mut relay = cmd
-        .env("SENDTALK_RELAY__HTTP__LISTEN", format!("127.0.0.1:{port}"))
-        .env(
-            "SENDTALK_RELAY__ADMIN__LISTEN",
-            format!("127.0.0.1:{admin}"),
-        )
         .env("SENDTALK_RELAY__AMQP__URI", broker.amqp_uri())
         .env("SENDTALK_RELAY__REDIS__URL", redis.redis_url())
         .env("SENDTALK_RELAY__DEDUP__TTL_SECS", "7200")
@@ -131,7 +116,7 @@ async fn main() {
         if started.elapsed() >= Duration::from_secs(secs) {
             break;
         }
-        let target = if cuts % 2 == 0 { &broker } else { &redis };
+        let target = if cuts.is_multiple_of(2) { &broker } else { &redis };
         target.cut();
         tokio::time::sleep(Duration::from_millis(cut_for)).await;
         target.restore();

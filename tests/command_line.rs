@@ -13,23 +13,7 @@ use std::time::{Duration, Instant};
 use support::*;
 
 fn relay() -> Command {
-    let mut cmd = Command::new(relay_bin());
-    // Start from a clean slate: no inherited SENDTALK_RELAY* variables.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("SENDTALK_RELAY") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env_remove("RUST_LOG");
-    cmd
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    relay_command()
 }
 
 #[test]
@@ -241,14 +225,8 @@ fn unsafe_kill(pid: u32, signal: &str) {
 
 #[test]
 fn embedded_defaults_relay_a_send_test_event_to_stdout_and_logs_stay_clean() {
-    let port = free_port();
-    let admin = free_port();
     let mut cmd = relay();
-    cmd.env("SENDTALK_RELAY__HTTP__LISTEN", format!("127.0.0.1:{port}"))
-        .env(
-            "SENDTALK_RELAY__ADMIN__LISTEN",
-            format!("127.0.0.1:{admin}"),
-        );
+    let (port, _) = listen_on_free_ports(&mut cmd);
     let running = Running::start(cmd);
     assert!(running.wait_for_log("sendtalk-relay listening", Duration::from_secs(10)));
     assert!(running.stderr.lock().unwrap().contains("embedded defaults"));
@@ -315,15 +293,9 @@ fn embedded_defaults_relay_a_send_test_event_to_stdout_and_logs_stay_clean() {
 
 #[test]
 fn configured_secrets_never_reach_the_logs_even_at_debug_level() {
-    let port = free_port();
-    let admin = free_port();
     let mut cmd = relay();
-    cmd.env("SENDTALK_RELAY__HTTP__LISTEN", format!("127.0.0.1:{port}"))
-        .env(
-            "SENDTALK_RELAY__ADMIN__LISTEN",
-            format!("127.0.0.1:{admin}"),
-        )
-        .env("SENDTALK_RELAY__AUTH__SECRETS", "very-private-key")
+    let (port, _) = listen_on_free_ports(&mut cmd);
+    cmd.env("SENDTALK_RELAY__AUTH__SECRETS", "very-private-key")
         .env("RUST_LOG", "debug");
     let running = Running::start(cmd);
     assert!(running.wait_for_log("sendtalk-relay listening", Duration::from_secs(10)));

@@ -15,14 +15,6 @@ use std::time::{Duration, Instant};
 use support::proxy::FaultProxy;
 use support::*;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Relay {
     child: Child,
     url: String,
@@ -31,22 +23,10 @@ struct Relay {
 
 impl Relay {
     fn start(amqp_uri: &str, exchange: &str, prefix: &str, spool: &Path) -> Relay {
-        let (port, admin) = (free_port(), free_port());
-        let mut cmd = Command::new(relay_bin());
-        for (k, _) in std::env::vars() {
-            if k.starts_with("SENDTALK_RELAY") {
-                cmd.env_remove(k);
-            }
-        }
-        for (k, v) in base_env(exchange, prefix, spool) {
-            cmd.env(k, v);
-        }
+        let mut cmd = relay_command();
+        cmd.envs(base_env(exchange, prefix, spool));
+        let (port, admin) = listen_on_free_ports(&mut cmd);
         let child = cmd
-            .env("SENDTALK_RELAY__HTTP__LISTEN", format!("127.0.0.1:{port}"))
-            .env(
-                "SENDTALK_RELAY__ADMIN__LISTEN",
-                format!("127.0.0.1:{admin}"),
-            )
             .env("SENDTALK_RELAY__AMQP__URI", amqp_uri)
             .env("SENDTALK_RELAY__LOG__FORMAT", "json")
             .env("SENDTALK_RELAY__SHUTDOWN__GRACE_SECS", "10")

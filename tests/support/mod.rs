@@ -598,3 +598,58 @@ where
 pub fn relay_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_sendtalk-relay"))
 }
+
+/// The relay binary as a command, with no inherited `SENDTALK_RELAY*` or
+/// `RUST_LOG` variables: each test states its whole configuration.
+pub fn relay_command() -> std::process::Command {
+    let mut cmd = std::process::Command::new(relay_bin());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SENDTALK_RELAY") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env_remove("RUST_LOG");
+    cmd
+}
+
+/// A loopback port that was free a moment ago (for relay processes, which
+/// must be told their port up front).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Points a relay command at fresh loopback ports; returns (webhook, admin).
+pub fn listen_on_free_ports(cmd: &mut std::process::Command) -> (u16, u16) {
+    let (port, admin) = (free_port(), free_port());
+    cmd.env("SENDTALK_RELAY__HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        .env(
+            "SENDTALK_RELAY__ADMIN__LISTEN",
+            format!("127.0.0.1:{admin}"),
+        );
+    (port, admin)
+}
+
+/// Sends raw bytes to the relay's webhook listener and returns what comes
+/// back within `within` ("" when the relay closed the connection).
+pub async fn raw_exchange(app: &TestApp, request: &[u8], within: Duration) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = app
+        .url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(within, stream.read(&mut buf))
+        .await
+        .ok()?
+        .unwrap_or(0);
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
