@@ -116,7 +116,11 @@ async fn main() {
         if started.elapsed() >= Duration::from_secs(secs) {
             break;
         }
-        let target = if cuts.is_multiple_of(2) { &broker } else { &redis };
+        let target = if cuts.is_multiple_of(2) {
+            &broker
+        } else {
+            &redis
+        };
         target.cut();
         tokio::time::sleep(Duration::from_millis(cut_for)).await;
         target.restore();

@@ -104,7 +104,7 @@ pub struct DedupPolicy {
 
 /// The dedup store: Redis (shared by replicas) or memory (one process).
 pub enum Dedup {
-    Redis(RedisDedup),
+    Redis(Box<RedisDedup>),
     Memory(MemoryDedup),
 }
 

@@ -127,10 +127,10 @@ impl Application {
         };
         let dedup = match settings.dedup.backend {
             DedupBackend::Memory => Dedup::Memory(MemoryDedup::new(policy)),
-            DedupBackend::Redis => Dedup::Redis(
+            DedupBackend::Redis => Dedup::Redis(Box::new(
                 RedisDedup::new(&settings.redis.url, policy)
                     .context("Failed to create the Redis client")?,
-            ),
+            )),
         };
 
         let relay = web::Data::new(Relay {
