@@ -23,6 +23,7 @@ pub const DEV_SECRET: &str = "dev-secret";
 
 /// Keys that hold lists; in the environment they take comma-separated values.
 const LIST_KEYS: &[&str] = &[
+    "http.trusted_proxies",
     "auth.secrets",
     "auth.secret_files",
     "webhook.accepted_statuses",
@@ -125,6 +126,15 @@ pub struct HttpSettings {
     pub listen: SocketAddr,
     pub webhook_path: String,
     pub max_body_bytes: usize,
+    /// Webhooks per second per client IP; 0 turns the limit off.
+    pub rate_limit_per_sec: u32,
+    /// Requests a client may send at once; 0 means one second's worth.
+    pub rate_limit_burst: u32,
+    /// Proxies (IPs or CIDRs) whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// PEM certificate chain and key: set both to serve HTTPS directly.
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
 }
 
 impl Default for HttpSettings {
@@ -133,7 +143,87 @@ impl Default for HttpSettings {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             webhook_path: "/webhooks/sendtalk/verification".into(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            // Off: SendTalk is the only legitimate sender and its retries
+            // must not be refused unless an operator decides otherwise.
+            rate_limit_per_sec: 0,
+            rate_limit_burst: 0,
+            trusted_proxies: Vec::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
+    }
+}
+
+/// An IP network (`10.0.0.0/8`, `fd00::/8`) or a single address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::{V4, V6};
+        match (self.addr, ip) {
+            (V4(net), V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (V6(net), V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for IpNet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not an IP address or CIDR"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("`{s}` has a bad prefix length"))?,
+            None => max,
+        };
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl std::fmt::Display for IpNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl Serialize for IpNet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for IpNet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -507,6 +597,23 @@ impl Settings {
                 "http.max_body_bytes",
                 "must be greater than 0",
             ));
+        }
+        if self.http.tls_cert_file.is_empty() != self.http.tls_key_file.is_empty() {
+            return Err(ConfigError::new(
+                "http.tls_key_file",
+                "set both http.tls_cert_file and http.tls_key_file, or neither",
+            ));
+        }
+        for (key, path) in [
+            ("http.tls_cert_file", &self.http.tls_cert_file),
+            ("http.tls_key_file", &self.http.tls_key_file),
+        ] {
+            if !path.is_empty() && !Path::new(path).is_file() {
+                return Err(ConfigError::new(
+                    key,
+                    format!("{path} is not a readable file"),
+                ));
+            }
         }
         if self.http.listen.port() != 0 && self.http.listen == self.admin.listen {
             return Err(ConfigError::new(

@@ -16,6 +16,7 @@
 //! - [`dedup`]: claim / commit / release against Redis or memory.
 //! - [`publish`]: RabbitMQ publisher with confirms and reconnection; stdout sink.
 //! - [`spool`]: the durable on-disk buffer and its drainer.
+//! - [`ratelimit`]: optional per-client rate limit and the client-IP rule.
 //! - [`metrics`]: every exported metric, in one registry per app.
 //! - [`routes`]: the webhook endpoint (where the stages meet) and admin endpoints.
 //! - [`startup`]: the only place that creates clients and binds sockets.
@@ -29,6 +30,7 @@ pub mod dedup;
 pub mod metrics;
 pub mod payload;
 pub mod publish;
+pub mod ratelimit;
 pub mod routes;
 pub mod shutdown;
 pub mod spool;

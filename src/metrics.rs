@@ -65,6 +65,7 @@ pub struct Metrics {
     pub dedup_skipped: IntCounter,
     pub dedup_commit_failed: IntCounter,
     pub unroutable: IntCounter,
+    pub rate_limited: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -145,6 +146,10 @@ impl Metrics {
                 "unroutable_total",
                 "Events the broker returned as unroutable.",
             ),
+            rate_limited: counter(
+                "rate_limited_total",
+                "Requests refused with 429 by the per-client rate limit (not in webhooks_total).",
+            ),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -158,6 +163,7 @@ impl Metrics {
             Box::new(metrics.dedup_skipped.clone()),
             Box::new(metrics.dedup_commit_failed.clone()),
             Box::new(metrics.unroutable.clone()),
+            Box::new(metrics.rate_limited.clone()),
             Box::new(build_info),
         ];
         for c in collectors {

@@ -19,6 +19,7 @@ use crate::dedup::{Dedup, DedupPolicy, MemoryDedup, RedisDedup};
 use crate::metrics::Metrics;
 use crate::payload::PayloadRules;
 use crate::publish::{AmqpPublisher, Sink, StdoutSink};
+use crate::ratelimit::ClientLimits;
 use crate::routes::admin::{self, AdminState};
 use crate::routes::webhook::{self, Relay};
 use crate::spool::Spool;
@@ -34,6 +35,8 @@ const SHUTDOWN_FLUSH_MAX: Duration = Duration::from_secs(5);
 /// Longest the background tasks (broker supervisor, Redis pinger) get to
 /// stop after the listener has drained; closing the AMQP channel is quick.
 const BACKGROUND_STOP_MAX: Duration = Duration::from_secs(3);
+/// How often clients back at full burst are dropped from the rate limiter.
+const FORGET_IDLE_CLIENTS_EVERY: Duration = Duration::from_secs(60);
 /// Headers must arrive within this; slow-loris connections are cut.
 const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -150,9 +153,20 @@ impl Application {
             spool: spool.clone(),
             metrics: metrics.clone(),
             max_body_bytes: settings.http.max_body_bytes,
+            limits: ClientLimits::new(
+                settings.http.rate_limit_per_sec,
+                settings.http.rate_limit_burst,
+                settings.http.trusted_proxies.clone(),
+            ),
         });
         if settings.dedup.backend == DedupBackend::Redis {
             tasks.push(tokio::spawn(ping_dedup(relay.clone(), background.clone())));
+        }
+        if settings.http.rate_limit_per_sec > 0 {
+            tasks.push(tokio::spawn(forget_idle_clients(
+                relay.clone(),
+                background.clone(),
+            )));
         }
 
         let sink_for_shutdown = sink.clone();
@@ -176,7 +190,15 @@ impl Application {
             .context("Failed to read the admin address")?;
 
         let path = settings.http.webhook_path.clone();
-        let webhook_server: Server = HttpServer::new(move || {
+        let tls = if settings.http.tls_cert_file.is_empty() {
+            None
+        } else {
+            Some(load_tls(
+                &settings.http.tls_cert_file,
+                &settings.http.tls_key_file,
+            )?)
+        };
+        let webhook_server = HttpServer::new(move || {
             App::new()
                 .app_data(relay.clone())
                 .service(
@@ -185,13 +207,17 @@ impl Application {
                         .default_service(web::to(webhook::method_not_allowed)),
                 )
                 .default_service(web::to(webhook::not_found))
-        })
-        .listen(webhook_listener)
-        .context("Failed to listen on http.listen")?
-        .disable_signals()
-        .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
-        .shutdown_timeout(settings.shutdown.grace_secs)
-        .run();
+        });
+        let webhook_server = match tls {
+            Some(config) => webhook_server.listen_rustls_0_23(webhook_listener, config),
+            None => webhook_server.listen(webhook_listener),
+        };
+        let webhook_server: Server = webhook_server
+            .context("Failed to listen on http.listen")?
+            .disable_signals()
+            .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
+            .shutdown_timeout(settings.shutdown.grace_secs)
+            .run();
 
         let admin_server: Server = HttpServer::new(move || {
             App::new()
@@ -314,6 +340,40 @@ impl Application {
         }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// The rustls server configuration for HTTPS on the webhook listener.
+fn load_tls(cert_file: &str, key_file: &str) -> anyhow::Result<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .with_context(|| {
+            format!("Failed to read the certificate chain in http.tls_cert_file {cert_file}")
+        })?;
+    if certs.is_empty() {
+        anyhow::bail!("http.tls_cert_file {cert_file} holds no certificate");
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file).with_context(|| {
+        format!("Failed to read the private key in http.tls_key_file {key_file}")
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("Failed to set TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("The TLS certificate and key do not match")?;
+    Ok(config)
+}
+
+async fn forget_idle_clients(relay: web::Data<Relay>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(FORGET_IDLE_CLIENTS_EVERY) => relay.limits.forget_idle(),
+            () = shutdown.cancelled() => return,
+        }
     }
 }
 

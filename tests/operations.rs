@@ -100,3 +100,113 @@ async fn shutdown_turns_readiness_503_and_lets_in_flight_webhooks_finish() {
     let spool = app.spool.as_ref().unwrap();
     assert_eq!(spool.stored_len().unwrap(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_its_rate_gets_429_with_retry_after_and_others_still_pass() {
+    let app = spawn_app_with(
+        Options::default()
+            .env("HTTP__RATE_LIMIT_PER_SEC", "1")
+            .env("HTTP__RATE_LIMIT_BURST", "2")
+            .env("HTTP__TRUSTED_PROXIES", "127.0.0.0/8"),
+    )
+    .await;
+    let post_from = |client_ip: &'static str| {
+        let app = &app;
+        async move {
+            let body = event_body(&unique("rl"));
+            let sig = hmac_hex(SECRET, body.as_bytes());
+            app.post_with(
+                &body,
+                &[
+                    ("content-type", "application/json"),
+                    ("x-sendtalk-signature", &sig),
+                    ("x-forwarded-for", client_ip),
+                ],
+            )
+            .await
+        }
+    };
+    assert_eq!(post_from("198.51.100.7").await.status, 200);
+    assert_eq!(post_from("198.51.100.7").await.status, 200);
+    let limited = post_from("198.51.100.7").await;
+    assert_eq!(
+        (limited.status, limited.code(), limited.field()),
+        (429, "rate_limited", "")
+    );
+    assert!(limited.headers.contains_key("retry-after"));
+    assert_eq!(
+        post_from("198.51.100.8").await.status,
+        200,
+        "another client is not limited"
+    );
+    assert_eq!(
+        app.metric("sendtalk_relay_rate_limited_total").await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_listener_can_serve_https_itself() {
+    let dir = std::env::temp_dir().join(unique("tls"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl is installed");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let mut app = spawn_app_with(
+        Options::default()
+            .env("HTTP__TLS_CERT_FILE", cert.display().to_string())
+            .env("HTTP__TLS_KEY_FILE", key.display().to_string()),
+    )
+    .await;
+    let id = unique("tls");
+    let body = event_body(&id);
+    let url = app.url.replace("http://", "https://");
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--cacert"])
+        .arg(&cert)
+        .args(["-H", "content-type: application/json"])
+        .args([
+            "-H",
+            &format!(
+                "x-sendtalk-signature: {}",
+                hmac_hex(SECRET, body.as_bytes())
+            ),
+        ])
+        .args(["--data-binary", &body, &url])
+        .output()
+        .expect("curl is installed");
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        answer.contains("\"published\""),
+        "{answer} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let msgs = app
+        .consumer()
+        .collect(1, Duration::from_secs(10), Duration::from_millis(300))
+        .await;
+    assert_eq!(message_ids(&msgs), vec![id]);
+    std::fs::remove_dir_all(dir).unwrap();
+}

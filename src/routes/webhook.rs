@@ -20,6 +20,7 @@ use crate::dedup::{Claim, Dedup, LeaseToken};
 use crate::metrics::{Metrics, Outcome};
 use crate::payload::{check_media_type, PayloadError, PayloadRules, VerificationEvent};
 use crate::publish::{DedupMark, Envelope, Sink};
+use crate::ratelimit::ClientLimits;
 use crate::spool::Spool;
 
 /// A sender that trickles its body is cut off after this long; SendTalk
@@ -44,6 +45,7 @@ pub struct Relay {
     pub spool: Option<Spool>,
     pub metrics: Metrics,
     pub max_body_bytes: usize,
+    pub limits: ClientLimits,
 }
 
 impl std::fmt::Debug for Relay {
@@ -76,6 +78,8 @@ pub enum RelayError {
     NotFound,
     #[error("method not allowed")]
     MethodNotAllowed,
+    #[error("too many requests from this client")]
+    RateLimited(Duration),
 }
 
 #[derive(Serialize)]
@@ -108,6 +112,7 @@ impl RelayError {
             RelayError::Unavailable(_) => "unavailable",
             RelayError::NotFound => "not_found",
             RelayError::MethodNotAllowed => "method_not_allowed",
+            RelayError::RateLimited(_) => "rate_limited",
         }
     }
 
@@ -158,6 +163,7 @@ impl ResponseError for RelayError {
             RelayError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             RelayError::NotFound => StatusCode::NOT_FOUND,
             RelayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            RelayError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -172,6 +178,9 @@ impl ResponseError for RelayError {
             }
             RelayError::MethodNotAllowed => {
                 response.insert_header((header::ALLOW, "POST"));
+            }
+            RelayError::RateLimited(wait) => {
+                response.insert_header((header::RETRY_AFTER, wait.as_secs().max(1)));
             }
             RelayError::Auth(_) => {
                 response.insert_header((header::WWW_AUTHENTICATE, "Signature"));
@@ -222,6 +231,26 @@ pub async fn receive(
     let started = Instant::now();
     let request_id = request_id(&req);
     let relay = relay.into_inner();
+    let forwarded_for = req
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok());
+    let client = relay
+        .limits
+        .client_ip(req.peer_addr().map(|a| a.ip()), forwarded_for);
+    if let Err(wait) = relay.limits.check(client) {
+        // Refused before the body is read: a flood costs almost nothing.
+        relay.metrics.rate_limited.inc();
+        let client = client.map(|ip| ip.to_string()).unwrap_or_default();
+        tracing::info!(
+            request_id,
+            client,
+            outcome = "rate_limited",
+            status = 429,
+            "webhook"
+        );
+        return RelayError::RateLimited(wait).error_response();
+    }
     // The pipeline runs in its own task so a sender that hangs up cannot
     // cancel it between the publish and the dedup commit.
     let task = {
