@@ -1038,6 +1038,38 @@ mod tests {
     }
 
     #[test]
+    fn trusted_proxies_take_addresses_and_cidrs() {
+        let s = Settings::load(
+            None,
+            env(&[(
+                "SENDTALK_RELAY__HTTP__TRUSTED_PROXIES",
+                "10.0.0.0/8, 192.0.2.7,fd00::/8",
+            )]),
+        )
+        .unwrap();
+        let nets = &s.http.trusted_proxies;
+        assert!(nets[0].contains("10.200.1.1".parse().unwrap()));
+        assert!(!nets[0].contains("11.0.0.1".parse().unwrap()));
+        assert!(
+            nets[1].contains("192.0.2.7".parse().unwrap())
+                && !nets[1].contains("192.0.2.8".parse().unwrap())
+        );
+        assert!(nets[2].contains("fd12::1".parse().unwrap()));
+        let err = Settings::load(
+            None,
+            env(&[("SENDTALK_RELAY__HTTP__TRUSTED_PROXIES", "10.0.0.0/40")]),
+        )
+        .unwrap_err();
+        assert!(err.key.starts_with("http.trusted_proxies"), "{err}");
+        let err = Settings::load(
+            None,
+            env(&[("SENDTALK_RELAY__HTTP__TLS_CERT_FILE", "/nonexistent.pem")]),
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "http.tls_key_file", "both or neither");
+    }
+
+    #[test]
     fn a_file_without_secrets_is_rejected() {
         let dir = std::env::temp_dir().join(format!("cfg-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
