@@ -249,7 +249,7 @@ pub async fn receive(
             status = 429,
             "webhook"
         );
-        return RelayError::RateLimited(wait).error_response();
+        return with_request_id(RelayError::RateLimited(wait).error_response(), &request_id);
     }
     // The pipeline runs in its own task so a sender that hangs up cannot
     // cancel it between the publish and the dedup commit.
@@ -286,7 +286,7 @@ pub async fn receive(
     let id = trace.id.as_deref().unwrap_or("");
     let phone = trace.phone.as_deref().unwrap_or("");
     let latency_ms = elapsed.as_secs_f64() * 1000.0;
-    let mut response = match result {
+    let response = match result {
         Ok(accepted) => {
             relay.metrics.webhook(accepted.outcome());
             tracing::info!(
@@ -330,7 +330,12 @@ pub async fn receive(
             error.error_response()
         }
     };
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
+    with_request_id(response, &request_id)
+}
+
+/// Every answer carries the request id the log line and the message carry.
+fn with_request_id(mut response: HttpResponse, request_id: &str) -> HttpResponse {
+    if let Ok(value) = HeaderValue::from_str(request_id) {
         response
             .headers_mut()
             .insert(header::HeaderName::from_static("x-request-id"), value);
