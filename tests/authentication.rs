@@ -27,13 +27,7 @@ async fn hmac_mode_accepts_hex_and_base64_from_every_rotated_secret() {
         let body = event_body(&unique(&format!("rot{i}")));
         let hex_sig = hmac_hex(secret, body.as_bytes());
         let a = app
-            .post_with(
-                &body,
-                &[
-                    ("content-type", "application/json"),
-                    ("x-sendtalk-signature", &hex_sig),
-                ],
-            )
+            .post_json(&body, ("x-sendtalk-signature", &hex_sig))
             .await;
         assert_eq!(a.status, 200, "{secret}: {:?}", a.json);
     }
@@ -42,23 +36,9 @@ async fn hmac_mode_accepts_hex_and_base64_from_every_rotated_secret() {
     let raw =
         hex::decode(hmac_hex("new-secret", body.as_bytes()).trim_start_matches("sha256=")).unwrap();
     let b64 = base64::engine::general_purpose::STANDARD.encode(raw);
-    let a = app
-        .post_with(
-            &body,
-            &[
-                ("content-type", "application/json"),
-                ("x-sendtalk-signature", &b64),
-            ],
-        )
-        .await;
+    let a = app.post_json(&body, ("x-sendtalk-signature", &b64)).await;
     assert_eq!(a.status, 200, "{:?}", a.json);
-    assert_eq!(
-        app.consumer()
-            .collect(3, Duration::from_secs(10), QUIET)
-            .await
-            .len(),
-        3
-    );
+    assert_eq!(app.delivered(3).await, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,13 +146,7 @@ async fn standard_webhooks_mode_checks_signature_and_timestamp_window() {
     partial.remove(0);
     let missing = post(body, partial).await;
     assert_eq!((missing.status, missing.code()), (401, "missing_signature"));
-    assert_eq!(
-        app.consumer()
-            .collect(3, Duration::from_secs(10), QUIET)
-            .await
-            .len(),
-        3
-    );
+    assert_eq!(app.delivered(3).await, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,37 +159,15 @@ async fn secret_header_mode_compares_the_secret_itself() {
     )
     .await;
     let body = event_body(&unique("sh"));
-    let ok = app
-        .post_with(
-            &body,
-            &[
-                ("content-type", "application/json"),
-                ("x-webhook-secret", "s2"),
-            ],
-        )
-        .await;
+    let ok = app.post_json(&body, ("x-webhook-secret", "s2")).await;
     assert_eq!(ok.status, 200);
-    let bad = app
-        .post_with(
-            &body,
-            &[
-                ("content-type", "application/json"),
-                ("x-webhook-secret", "s3"),
-            ],
-        )
-        .await;
+    let bad = app.post_json(&body, ("x-webhook-secret", "s3")).await;
     assert_eq!((bad.status, bad.code()), (401, "invalid_signature"));
     let none = app
         .post_with(&body, &[("content-type", "application/json")])
         .await;
     assert_eq!((none.status, none.code()), (401, "missing_signature"));
-    assert_eq!(
-        app.consumer()
-            .collect(1, Duration::from_secs(10), QUIET)
-            .await
-            .len(),
-        1
-    );
+    assert_eq!(app.delivered(1).await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,15 +183,7 @@ async fn secrets_can_come_from_mounted_files() {
     .await;
     let body = event_body(&unique("file"));
     let sig = hmac_hex("file-secret", body.as_bytes());
-    let a = app
-        .post_with(
-            &body,
-            &[
-                ("content-type", "application/json"),
-                ("x-sendtalk-signature", &sig),
-            ],
-        )
-        .await;
+    let a = app.post_json(&body, ("x-sendtalk-signature", &sig)).await;
     assert_eq!(a.status, 200, "{:?}", a.json);
     std::fs::remove_dir_all(dir).unwrap();
 }

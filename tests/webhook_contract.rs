@@ -449,13 +449,7 @@ async fn a_rejected_but_authenticated_body_goes_to_the_quarantine_exchange() {
     );
     // Unauthenticated bodies never reach it.
     let a = app
-        .post_with(
-            &body,
-            &[
-                ("content-type", "application/json"),
-                ("x-sendtalk-signature", "sha256=00"),
-            ],
-        )
+        .post_json(&body, ("x-sendtalk-signature", "sha256=00"))
         .await;
     assert_eq!(a.status, 401);
     assert!(watcher.next(QUIET).await.is_none());

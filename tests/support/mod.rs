@@ -245,6 +245,12 @@ impl TestApp {
         .await
     }
 
+    /// POSTs `body` as JSON with one extra header (a signature or secret).
+    pub async fn post_json(&self, body: &str, header: (&str, &str)) -> Answer {
+        self.post_with(body, &[("content-type", "application/json"), header])
+            .await
+    }
+
     pub async fn post_with(&self, body: &str, headers: &[(&str, &str)]) -> Answer {
         post_raw(&self.client, &self.url, body.as_bytes().to_vec(), headers).await
     }
@@ -257,6 +263,19 @@ impl TestApp {
             .await
             .unwrap();
         (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    /// How many messages reached the consumer, waiting for up to `expected`
+    /// and a short quiet period after them to catch extras.
+    pub async fn delivered(&mut self, expected: usize) -> usize {
+        self.consumer()
+            .collect(
+                expected,
+                Duration::from_secs(10),
+                Duration::from_millis(400),
+            )
+            .await
+            .len()
     }
 
     pub fn consumer(&mut self) -> &mut TestConsumer {
