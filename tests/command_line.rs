@@ -120,11 +120,11 @@ fn help_describes_every_command() {
     }
 }
 
-#[test]
-fn sign_prints_the_headers_a_sender_attaches() {
-    let body = br#"{"id":"x"}"#;
+/// Runs `sendtalk-relay sign ARGS` with `body` on standard input.
+fn sign(args: &[&str], body: &[u8]) -> String {
     let mut child = relay()
-        .args(["sign", "--secret", "k3y"])
+        .arg("sign")
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -132,27 +132,22 @@ fn sign_prints_the_headers_a_sender_attaches() {
     child.stdin.take().unwrap().write_all(body).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn sign_prints_the_headers_a_sender_attaches() {
+    let body = br#"{"id":"x"}"#;
+    let text = sign(&["--secret", "k3y"], body);
     assert_eq!(
         text.trim(),
         format!("X-SendTalk-Signature: {}", hmac_hex("k3y", body))
     );
 
-    let mut child = relay()
-        .args([
-            "sign",
-            "--mode",
-            "standard-webhooks",
-            "--secret",
-            "whsec_a2V5",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(body).unwrap();
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = sign(
+        &["--mode", "standard-webhooks", "--secret", "whsec_a2V5"],
+        body,
+    );
     for name in [
         "webhook-id: ",
         "webhook-timestamp: ",

@@ -10,7 +10,9 @@ use lapin::options::{
     QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
 use tokio::time::Instant;
 
 use crate::client::Clock;
@@ -155,6 +157,19 @@ pub struct BrokerResult {
     pub errors: u64,
 }
 
+impl BrokerResult {
+    fn new() -> Self {
+        BrokerResult {
+            hist: Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid bounds"),
+            window_count: 0,
+            total_acked: 0,
+            nacked: 0,
+            returned: 0,
+            errors: 0,
+        }
+    }
+}
+
 /// `c` tasks, each publish-and-await-confirm in a loop on one shared
 /// confirmed channel, until `clock.end`.
 pub async fn publish_load(
@@ -176,14 +191,7 @@ pub async fn publish_load(
         let body = body.clone();
         let run_id = run_id.to_string();
         handles.push(tokio::spawn(async move {
-            let mut r = BrokerResult {
-                hist: Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid bounds"),
-                window_count: 0,
-                total_acked: 0,
-                nacked: 0,
-                returned: 0,
-                errors: 0,
-            };
+            let mut r = BrokerResult::new();
             let mut n = 0u64;
             while Instant::now() < clock.end {
                 n += 1;
@@ -230,14 +238,7 @@ pub async fn publish_load(
             r
         }));
     }
-    let mut merged = BrokerResult {
-        hist: Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid bounds"),
-        window_count: 0,
-        total_acked: 0,
-        nacked: 0,
-        returned: 0,
-        errors: 0,
-    };
+    let mut merged = BrokerResult::new();
     for h in handles {
         let r = h.await?;
         merged.hist.add(&r.hist).expect("same bounds");

@@ -248,7 +248,9 @@ async fn worker(
                     out.reconnects += 1;
                     *out.total.entry(format!("error connect: {e}")).or_insert(0) += 1;
                     if failures > MAX_RECONNECTS_PER_WORKER {
-                        eprintln!("loadgen: worker {w} gives up after {failures} connection failures");
+                        eprintln!(
+                            "loadgen: worker {w} gives up after {failures} connection failures"
+                        );
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -256,7 +258,8 @@ async fn worker(
                 }
             },
         };
-        let is_dup = plan.dup_share > 0.0 && !accepted.is_empty() && rng.next_f64() < plan.dup_share;
+        let is_dup =
+            plan.dup_share > 0.0 && !accepted.is_empty() && rng.next_f64() < plan.dup_share;
         let request = if is_dup {
             accepted[rng.below(accepted.len())].clone()
         } else if next_fresh < pool.len() {
@@ -268,7 +271,11 @@ async fn worker(
         } else {
             out.signed_on_the_fly += 1;
             fresh_n += 1;
-            signed(&plan.secret, &fresh_id(&plan.run_id, w, fresh_n), verified_time)
+            signed(
+                &plan.secret,
+                &fresh_id(&plan.run_id, w, fresh_n),
+                verified_time,
+            )
         };
 
         let mut req = Request::new(Full::new(request.body.clone()));
@@ -293,7 +300,10 @@ async fn worker(
             Ok((status, body)) => {
                 sender = Some(s);
                 let key = classify(status, &body);
-                if !is_dup && (key == "200 published" || key == "202 queued") && plan.dup_share > 0.0 {
+                if !is_dup
+                    && (key == "200 published" || key == "202 queued")
+                    && plan.dup_share > 0.0
+                {
                     accepted.push(request);
                 }
                 key
@@ -301,7 +311,14 @@ async fn worker(
             Err(e) => {
                 // The connection is unusable; the next iteration reconnects.
                 out.reconnects += 1;
-                format!("error {}", if e.is_canceled() { "canceled".to_string() } else { e.to_string() })
+                format!(
+                    "error {}",
+                    if e.is_canceled() {
+                        "canceled".to_string()
+                    } else {
+                        e.to_string()
+                    }
+                )
             }
         };
         if done >= clock.warm_end && done <= clock.end {
@@ -319,7 +336,9 @@ async fn worker(
 /// multi-thread otherwise.
 pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     if threads <= 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)

@@ -60,7 +60,10 @@ enum Mode {
         #[command(flatten)]
         shape: Shape,
         /// Webhook URL of the relay (loopback only).
-        #[arg(long, default_value = "http://127.0.0.1:8080/webhooks/sendtalk/verification")]
+        #[arg(
+            long,
+            default_value = "http://127.0.0.1:8080/webhooks/sendtalk/verification"
+        )]
         url: String,
         /// HMAC secret the relay accepts.
         #[arg(long, default_value = "bench-secret")]
@@ -216,10 +219,7 @@ fn clock(shape: &Shape) -> Clock {
     let start = Instant::now();
     let warm_end = start + Duration::from_secs_f64(shape.warmup.max(0.0));
     let end = warm_end + Duration::from_secs_f64(shape.duration.max(0.1));
-    Clock {
-        warm_end,
-        end,
-    }
+    Clock { warm_end, end }
 }
 
 fn run_id() -> String {
@@ -338,9 +338,20 @@ async fn relay_mode(a: RelayArgs) -> anyhow::Result<()> {
 
     let secs = a.shape.duration;
     let rps = result.window_count as f64 / secs;
-    println!("== relay: {} c={} warmup={}s measured={}s dup-share={} ==", a.addr, plan.concurrency, a.shape.warmup, secs, a.dup_share);
-    println!("pre-signed {} requests in {:.2} s (signed on the fly during the run: {})", per_worker * plan.concurrency, signing.as_secs_f64(), result.signed_on_the_fly);
-    println!("requests/s: {rps:.0}  ({} answers in the measured window)", result.window_count);
+    println!(
+        "== relay: {} c={} warmup={}s measured={}s dup-share={} ==",
+        a.addr, plan.concurrency, a.shape.warmup, secs, a.dup_share
+    );
+    println!(
+        "pre-signed {} requests in {:.2} s (signed on the fly during the run: {})",
+        per_worker * plan.concurrency,
+        signing.as_secs_f64(),
+        result.signed_on_the_fly
+    );
+    println!(
+        "requests/s: {rps:.0}  ({} answers in the measured window)",
+        result.window_count
+    );
     client::print_latency("relay", &result.hist);
     println!("answers in the window by status:");
     for (k, v) in &result.window {
@@ -359,7 +370,11 @@ async fn relay_mode(a: RelayArgs) -> anyhow::Result<()> {
     let client_cpu = proc_window.self_cpu_at_end - proc_window.self_cpu_at_warm_end;
     let client_cpu_per_k = client_cpu / (result.window_count.max(1) as f64 / 1000.0);
     println!("client (loadgen) CPU: {client_cpu:.2} s in the window = {:.2} cores, {client_cpu_per_k:.4} s per 1000 requests", client_cpu / secs);
-    println!("machine busy: {:.2} of {} cores (relay + client + Redis + RabbitMQ + anything else)", proc_window.system_cores(secs), cores());
+    println!(
+        "machine busy: {:.2} of {} cores (relay + client + Redis + RabbitMQ + anything else)",
+        proc_window.system_cores(secs),
+        cores()
+    );
 
     let mut line = format!(
         "RESULT mode=relay rps={rps:.1} p50_ms={:.3} p90_ms={:.3} p99_ms={:.3} max_ms={:.3} n={} new={new_events} delivered={delivered} lost={} extra={} client_cpu_per_k={client_cpu_per_k:.5} client_cores={:.3} system_cores={:.3} non2xx={}",
@@ -423,10 +438,26 @@ async fn broker_mode(shape: Shape, amqp_uri: String) -> anyhow::Result<()> {
     let body = client::event_body(&client::fresh_id(&run, 0, 0), client::now_ms());
     let clock = clock(&shape);
     let mon = tokio::spawn(monitor(None, clock));
-    let outcome = amqp::publish_load(&channel, &exchange, body.clone(), shape.concurrency.max(1), clock, &run).await;
+    let outcome = amqp::publish_load(
+        &channel,
+        &exchange,
+        body.clone(),
+        shape.concurrency.max(1),
+        clock,
+        &run,
+    )
+    .await;
     let proc_window = mon.await.unwrap_or_default();
     let delivered = match &outcome {
-        Ok(r) => amqp::settle(&counter, &queue, r.total_acked, Duration::from_millis(500), Duration::from_secs(30)).await.unwrap_or(0),
+        Ok(r) => amqp::settle(
+            &counter,
+            &queue,
+            r.total_acked,
+            Duration::from_millis(500),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap_or(0),
         Err(_) => 0,
     };
     amqp::delete_queue(&counter, &queue).await;
@@ -439,10 +470,20 @@ async fn broker_mode(shape: Shape, amqp_uri: String) -> anyhow::Result<()> {
     let rate = r.window_count as f64 / secs;
     let client_cpu = proc_window.self_cpu_at_end - proc_window.self_cpu_at_warm_end;
     println!("== broker: {} publishes in flight, body {} bytes, persistent, mandatory, confirms, measured={}s ==", shape.concurrency, body.len(), secs);
-    println!("msgs/s: {rate:.0}  (acked {}, nacked {}, returned {}, errors {}, in queue {delivered})", r.total_acked, r.nacked, r.returned, r.errors);
+    println!(
+        "msgs/s: {rate:.0}  (acked {}, nacked {}, returned {}, errors {}, in queue {delivered})",
+        r.total_acked, r.nacked, r.returned, r.errors
+    );
     client::print_latency("confirm", &r.hist);
-    println!("publisher (loadgen) CPU: {client_cpu:.2} s in the window = {:.2} cores", client_cpu / secs);
-    println!("machine busy: {:.2} of {} cores", proc_window.system_cores(secs), cores());
+    println!(
+        "publisher (loadgen) CPU: {client_cpu:.2} s in the window = {:.2} cores",
+        client_cpu / secs
+    );
+    println!(
+        "machine busy: {:.2} of {} cores",
+        proc_window.system_cores(secs),
+        cores()
+    );
     println!(
         "RESULT mode=broker rps={rate:.1} p50_ms={:.3} p90_ms={:.3} p99_ms={:.3} max_ms={:.3} n={} acked={} delivered={delivered} client_cores={:.3} system_cores={:.3}",
         r.hist.value_at_quantile(0.5) as f64 / 1000.0,
@@ -466,9 +507,8 @@ async fn ok_handler(_body: actix_web::web::Bytes) -> actix_web::HttpResponse {
 fn http_mode(shape: Shape, server_workers: Option<usize>) -> anyhow::Result<()> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
-    let workers = server_workers.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
-    });
+    let workers = server_workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let (tx, rx) = std::sync::mpsc::channel();
     let server_thread = std::thread::spawn(move || {
         actix_web::rt::System::new().block_on(async move {
@@ -511,14 +551,24 @@ fn http_mode(shape: Shape, server_workers: Option<usize>) -> anyhow::Result<()> 
     let secs = shape.duration;
     let rps = result.window_count as f64 / secs;
     let cpu = proc_window.self_cpu_at_end - proc_window.self_cpu_at_warm_end;
-    println!("== http: in-process actix-web ({workers} workers) on {addr}, c={}, measured={}s ==", plan.concurrency, secs);
+    println!(
+        "== http: in-process actix-web ({workers} workers) on {addr}, c={}, measured={}s ==",
+        plan.concurrency, secs
+    );
     println!("requests/s: {rps:.0}");
     client::print_latency("http", &result.hist);
     for (k, v) in &result.window {
         println!("  {k}: {v}");
     }
-    println!("process CPU (client + server): {cpu:.2} s in the window = {:.2} cores", cpu / secs);
-    println!("machine busy: {:.2} of {} cores", proc_window.system_cores(secs), cores());
+    println!(
+        "process CPU (client + server): {cpu:.2} s in the window = {:.2} cores",
+        cpu / secs
+    );
+    println!(
+        "machine busy: {:.2} of {} cores",
+        proc_window.system_cores(secs),
+        cores()
+    );
     println!(
         "RESULT mode=http rps={rps:.1} p50_ms={:.3} p90_ms={:.3} p99_ms={:.3} max_ms={:.3} n={} system_cores={:.3}",
         result.hist.value_at_quantile(0.5) as f64 / 1000.0,
