@@ -14,7 +14,9 @@
 //! - [`auth`]: signature / secret verification of the raw body; pure.
 //! - [`payload`]: `VerificationEvent` and its field newtypes; pure.
 //! - [`dedup`]: claim / commit / release against Redis or memory.
-//! - [`publish`]: RabbitMQ publisher with confirms and reconnection; stdout sink.
+//! - [`message`]: the event record the publisher, the sink and the spool carry.
+//! - [`publish`]: RabbitMQ publisher (a channel per in-flight publish, confirms,
+//!   blocked-connection handling, reconnection); stdout sink.
 //! - [`spool`]: the durable on-disk buffer and its drainer.
 //! - [`ratelimit`]: optional per-client rate limit and the client-IP rule.
 //! - [`metrics`]: every exported metric, in one registry per app.
@@ -27,6 +29,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod dedup;
+pub mod message;
 pub mod metrics;
 pub mod payload;
 pub mod publish;

@@ -65,6 +65,7 @@ pub struct Metrics {
     pub dedup_skipped: IntCounter,
     pub dedup_commit_failed: IntCounter,
     pub unroutable: IntCounter,
+    pub spool_errors: IntCounter,
     pub rate_limited: IntCounter,
 }
 
@@ -146,6 +147,10 @@ impl Metrics {
                 "unroutable_total",
                 "Events the broker returned as unroutable.",
             ),
+            spool_errors: counter(
+                "spool_errors_total",
+                "Spool appends and removals refused by a storage error (disk full, read-only, EIO).",
+            ),
             rate_limited: counter(
                 "rate_limited_total",
                 "Requests refused with 429 by the per-client rate limit (not in webhooks_total).",
@@ -163,6 +168,7 @@ impl Metrics {
             Box::new(metrics.dedup_skipped.clone()),
             Box::new(metrics.dedup_commit_failed.clone()),
             Box::new(metrics.unroutable.clone()),
+            Box::new(metrics.spool_errors.clone()),
             Box::new(metrics.rate_limited.clone()),
             Box::new(build_info),
         ];
@@ -173,6 +179,24 @@ impl Metrics {
                 .expect("metric names are unique");
         }
         metrics
+    }
+
+    /// The handles the publisher writes.
+    pub fn publisher(&self) -> crate::publish::PublisherMetrics {
+        crate::publish::PublisherMetrics {
+            connected: self.amqp_connected.clone(),
+            unroutable: self.unroutable.clone(),
+            publish_duration: self.publish_duration.clone(),
+        }
+    }
+
+    /// The handles the spool writes.
+    pub fn spool(&self) -> crate::spool::SpoolMetrics {
+        crate::spool::SpoolMetrics {
+            depth: self.spool_depth.clone(),
+            bytes: self.spool_bytes.clone(),
+            errors: self.spool_errors.clone(),
+        }
     }
 
     pub fn webhook(&self, outcome: Outcome) {
@@ -219,6 +243,7 @@ mod tests {
             "sendtalk_relay_dedup_skipped_total",
             "sendtalk_relay_dedup_commit_failed_total",
             "sendtalk_relay_unroutable_total",
+            "sendtalk_relay_spool_errors_total",
             "sendtalk_relay_build_info{version=",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");

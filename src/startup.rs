@@ -84,12 +84,7 @@ impl Application {
                 None,
             ),
             SinkKind::Amqp => {
-                let publisher = AmqpPublisher::new(
-                    settings.amqp.clone(),
-                    metrics.amqp_connected.clone(),
-                    metrics.unroutable.clone(),
-                    metrics.publish_duration.clone(),
-                );
+                let publisher = AmqpPublisher::new(settings.amqp.clone(), metrics.publisher());
                 tasks.push(tokio::spawn(
                     publisher.clone().supervise(background.clone()),
                 ));
@@ -108,8 +103,7 @@ impl Application {
             let spool = Spool::open(
                 &settings.spool.dir,
                 settings.spool.max_bytes,
-                metrics.spool_depth.clone(),
-                metrics.spool_bytes.clone(),
+                metrics.spool(),
             )
             .with_context(|| {
                 format!(

@@ -31,17 +31,19 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
 }
 
-/// 200 when an event can be made durable now: the broker is connected or the
-/// spool has room. 503 while shutting down or when neither can take one.
+/// 200 when an event can be made durable now: the broker is connected (and
+/// not blocked) or the spool can take it (enabled, room left, not failing).
+/// 503 while shutting down or when neither can take one.
 pub async fn readyz(state: web::Data<AdminState>) -> HttpResponse {
     let broker = state.sink.is_available();
-    let spool = state.spool.as_ref().is_some_and(Spool::has_room);
+    let spool = state.spool.as_ref().is_some_and(Spool::can_take);
     let accepting = state.accepting.load(Ordering::Acquire);
     let body = serde_json::json!({
         "ready": accepting && (broker || spool),
         "accepting": accepting,
         "broker": broker,
-        "spool_has_room": spool,
+        "spool_has_room": state.spool.as_ref().is_some_and(|s| !s.is_failing() && s.can_take()),
+        "spool_failing": state.spool.as_ref().is_some_and(Spool::is_failing),
     });
     if accepting && (broker || spool) {
         HttpResponse::Ok().json(body)

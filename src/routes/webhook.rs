@@ -17,11 +17,12 @@ use serde::Serialize;
 use crate::auth::{AuthError, Verifier};
 use crate::config::OnUnavailable;
 use crate::dedup::{Claim, Dedup, LeaseToken};
+use crate::message::{DedupMark, Envelope};
 use crate::metrics::{Metrics, Outcome};
 use crate::payload::{check_media_type, PayloadError, PayloadRules, VerificationEvent};
-use crate::publish::{DedupMark, Envelope, Sink};
+use crate::publish::Sink;
 use crate::ratelimit::ClientLimits;
-use crate::spool::Spool;
+use crate::spool::{Spool, Spooled};
 
 /// A sender that trickles its body is cut off after this long; SendTalk
 /// sends ~150 bytes at once.
@@ -445,14 +446,17 @@ async fn make_durable(relay: &Relay, envelope: &Envelope) -> Result<Accepted, Re
             "{publish_error}; spool disabled"
         )));
     };
-    match spool.append(envelope).await {
+    let reason = publish_error.to_string();
+    match spool.append(envelope, Spooled::after(publish_error)).await {
         Ok(()) => {
-            tracing::warn!(request_id = envelope.request_id, error = %publish_error, "broker could not take the event; spooled");
+            tracing::warn!(
+                request_id = envelope.request_id,
+                error = reason,
+                "broker could not take the event; spooled"
+            );
             Ok(Accepted::Queued)
         }
-        Err(spool_error) => Err(RelayError::Unavailable(format!(
-            "{publish_error}; {spool_error}"
-        ))),
+        Err(spool_error) => Err(RelayError::Unavailable(format!("{reason}; {spool_error}"))),
     }
 }
 

@@ -1,0 +1,89 @@
+//! The broker topology the relay owns when `amqp.declare = true`: the
+//! exchange, the optional quarantine exchange and `[[amqp.queues]]`.
+//! Declared on every (re)connection, so a broker that lost its definitions
+//! gets them back before the first publish.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, ExchangeKind};
+
+use crate::config::{AmqpSettings, QueueSettings};
+
+fn exchange_kind(kind: &str) -> ExchangeKind {
+    match kind {
+        "direct" => ExchangeKind::Direct,
+        "fanout" => ExchangeKind::Fanout,
+        "headers" => ExchangeKind::Headers,
+        _ => ExchangeKind::Topic,
+    }
+}
+
+/// Declares the exchanges and queues of `settings` (idempotent).
+pub async fn declare(channel: &Channel, settings: &AmqpSettings) -> Result<(), lapin::Error> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(
+            settings.exchange.as_str().into(),
+            exchange_kind(&settings.exchange_type),
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    if !settings.quarantine_exchange.is_empty() {
+        channel
+            .exchange_declare(
+                settings.quarantine_exchange.as_str().into(),
+                ExchangeKind::Topic,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    for queue in &settings.queues {
+        declare_queue(channel, &settings.exchange, queue).await?;
+    }
+    Ok(())
+}
+
+async fn declare_queue(
+    channel: &Channel,
+    exchange: &str,
+    queue: &QueueSettings,
+) -> Result<(), lapin::Error> {
+    let mut args = FieldTable::default();
+    if queue.quorum {
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+    }
+    if !queue.dead_letter_exchange.is_empty() {
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(LongString::from(queue.dead_letter_exchange.as_str())),
+        );
+    }
+    channel
+        .queue_declare(
+            queue.name.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.name.as_str().into(),
+            exchange.into(),
+            queue.binding_key.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,223 @@
+//! The spool's storage: one redb file written by one thread.
+//!
+//! redb is a checksummed, crash-safe B-tree whose commits are fsynced
+//! (`Durability::Immediate`), so an event appended before a 202 survives
+//! `kill -9` and torn writes without a recovery routine of our own. Every
+//! write (appends and removals) goes through the writer thread, which commits
+//! whatever has queued up in one transaction (group commit): under a broker
+//! outage at full load one fsync covers many events, and a drain round's
+//! removals cost one fsync.
+//!
+//! redb latches its first I/O error: a database that failed a commit refuses
+//! every later one. So after a storage error the writer drops the database
+//! and reopens it (which repairs it) until a probe write succeeds; meanwhile
+//! every write is refused at once (SPEC 5).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Shared, SpoolError};
+
+pub(super) const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+/// A scratch table the recovery probe writes to and clears.
+const PROBE: TableDefinition<u8, &[u8]> = TableDefinition::new("probe");
+/// Bytes the recovery probe writes: a few typical events' worth, so a disk
+/// with room for nothing fails the probe.
+const PROBE_BYTES: usize = 16 * 1024;
+/// The spool file's name inside `spool.dir`.
+pub(super) const FILE_NAME: &str = "spool.redb";
+/// redb's page cache; the spool is written once and read once per entry, so
+/// a small cache keeps the relay's memory low without costing throughput.
+const CACHE_BYTES: usize = 4 * 1024 * 1024;
+/// Most commands one group commit takes.
+const GROUP_COMMIT_MAX: usize = 512;
+/// How often a failing store tries to reopen when no write asks for it.
+pub(super) const REOPEN_EVERY: Duration = Duration::from_secs(1);
+
+/// A write for the writer thread.
+pub(super) enum Command {
+    /// Insert `bytes` under `seq`.
+    Append {
+        seq: u64,
+        bytes: Vec<u8>,
+        done: oneshot::Sender<Result<(), SpoolError>>,
+    },
+    /// Delete these entries.
+    Remove {
+        seqs: Vec<u64>,
+        done: oneshot::Sender<Result<(), SpoolError>>,
+    },
+}
+
+pub(super) fn storage(e: impl std::fmt::Display) -> SpoolError {
+    SpoolError::Storage(e.to_string())
+}
+
+/// Opens (or creates and repairs) the database in `path`.
+pub(super) fn open(path: &Path) -> Result<Database, SpoolError> {
+    Database::builder()
+        .set_cache_size(CACHE_BYTES)
+        .create(path)
+        .map_err(|e| storage(format!("cannot open {}: {e}", path.display())))
+}
+
+/// Counts the stored entries: (next free sequence number, entries, bytes).
+pub(super) fn count(db: &Database) -> Result<(u64, u64, u64), SpoolError> {
+    let (mut next_seq, mut depth, mut bytes) = (0u64, 0u64, 0u64);
+    let txn = db.begin_read().map_err(storage)?;
+    let table = match txn.open_table(EVENTS) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok((0, 0, 0)),
+        Err(e) => return Err(storage(e)),
+    };
+    for entry in table.iter().map_err(storage)? {
+        let (k, v) = entry.map_err(storage)?;
+        next_seq = next_seq.max(k.value() + 1);
+        depth += 1;
+        bytes += v.value().len() as u64;
+    }
+    Ok((next_seq, depth, bytes))
+}
+
+/// Writes and clears a scratch entry: proof that commits work again.
+fn probe(db: &Database) -> Result<(), SpoolError> {
+    let filler = vec![0u8; PROBE_BYTES];
+    for insert in [true, false] {
+        let txn = db.begin_write().map_err(storage)?;
+        {
+            let mut table = txn.open_table(PROBE).map_err(storage)?;
+            if insert {
+                table.insert(0, filler.as_slice()).map_err(storage)?;
+            } else {
+                table.remove(0).map_err(storage)?;
+            }
+        }
+        txn.commit().map_err(storage)?;
+    }
+    Ok(())
+}
+
+/// The writer thread: group commits until every sender is gone.
+pub(super) fn writer_loop(
+    shared: Arc<Shared>,
+    path: PathBuf,
+    mut rx: mpsc::UnboundedReceiver<Command>,
+) {
+    let mut last_reopen = Instant::now();
+    loop {
+        let first = if shared.is_failing() {
+            // Wake up on our own too, so readiness recovers without traffic.
+            match recv_timeout(&mut rx, REOPEN_EVERY) {
+                Recv::Closed => return,
+                Recv::Timeout => {
+                    try_reopen(&shared, &path, &mut last_reopen);
+                    continue;
+                }
+                Recv::Got(command) => {
+                    try_reopen(&shared, &path, &mut last_reopen);
+                    command
+                }
+            }
+        } else {
+            match rx.blocking_recv() {
+                Some(command) => command,
+                None => return,
+            }
+        };
+        let mut group = vec![first];
+        while group.len() < GROUP_COMMIT_MAX {
+            match rx.try_recv() {
+                Ok(more) => group.push(more),
+                Err(_) => break,
+            }
+        }
+        let result = match shared.database() {
+            Some(db) => commit(&db, &group),
+            None => Err(SpoolError::Failing),
+        };
+        if let Err(e) = &result {
+            if !matches!(e, SpoolError::Failing) {
+                tracing::error!(error = %e, "spool write failed; refusing writes until the store can be reopened");
+                shared.fail();
+                last_reopen = Instant::now();
+            }
+        }
+        for command in group {
+            let (done, answer) = match command {
+                Command::Append { done, .. } | Command::Remove { done, .. } => {
+                    let answer = match &result {
+                        Ok(()) => Ok(()),
+                        Err(SpoolError::Failing) => Err(SpoolError::Failing),
+                        Err(e) => Err(storage(e)),
+                    };
+                    (done, answer)
+                }
+            };
+            let _ = done.send(answer);
+        }
+    }
+}
+
+fn commit(db: &Database, group: &[Command]) -> Result<(), SpoolError> {
+    let txn = db.begin_write().map_err(storage)?;
+    {
+        let mut table = txn.open_table(EVENTS).map_err(storage)?;
+        for command in group {
+            match command {
+                Command::Append { seq, bytes, .. } => {
+                    table.insert(*seq, bytes.as_slice()).map_err(storage)?;
+                }
+                Command::Remove { seqs, .. } => {
+                    for seq in seqs {
+                        table.remove(*seq).map_err(storage)?;
+                    }
+                }
+            }
+        }
+    }
+    txn.commit().map_err(storage)
+}
+
+fn try_reopen(shared: &Shared, path: &Path, last: &mut Instant) {
+    if last.elapsed() < REOPEN_EVERY / 4 {
+        return;
+    }
+    *last = Instant::now();
+    let reopened = open(path).and_then(|db| {
+        probe(&db)?;
+        let counts = count(&db)?;
+        Ok((db, counts))
+    });
+    match reopened {
+        Ok((db, (_, depth, bytes))) => {
+            shared.recover(Arc::new(db), depth, bytes);
+            tracing::info!(depth, "spool store reopened; writes work again");
+        }
+        Err(e) => tracing::debug!(error = %e, "spool store still failing"),
+    }
+}
+
+enum Recv {
+    Got(Command),
+    Timeout,
+    Closed,
+}
+
+fn recv_timeout(rx: &mut mpsc::UnboundedReceiver<Command>, within: Duration) -> Recv {
+    let deadline = Instant::now() + within;
+    loop {
+        match rx.try_recv() {
+            Ok(command) => return Recv::Got(command),
+            Err(mpsc::error::TryRecvError::Disconnected) => return Recv::Closed,
+            Err(mpsc::error::TryRecvError::Empty) => {}
+        }
+        if Instant::now() >= deadline {
+            return Recv::Timeout;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
