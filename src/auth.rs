@@ -23,6 +23,9 @@ type HmacSha256 = Hmac<Sha256>;
 pub const WEBHOOK_ID: &str = "webhook-id";
 pub const WEBHOOK_TIMESTAMP: &str = "webhook-timestamp";
 pub const WEBHOOK_SIGNATURE: &str = "webhook-signature";
+/// Most entries of a `webhook-signature` list that are read: a sender rotates
+/// between a few keys, never dozens, and a long list must not cost more.
+pub const MAX_STANDARD_SIGNATURES: usize = 16;
 
 /// Why a request was not authenticated. Each maps to one 401 error code.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -181,16 +184,13 @@ impl Verifier {
         if candidates.is_empty() {
             return Err(AuthError::InvalidSignature);
         }
+        // One MAC per secret, compared with every listed signature: the cost
+        // of a request does not grow with the length of its list.
         let matched = self.keys.iter().any(|key| {
-            candidates.iter().any(|sig| {
-                let mut mac = new_mac(key.standard.expose_secret());
-                mac.update(id);
-                mac.update(b".");
-                mac.update(timestamp);
-                mac.update(b".");
-                mac.update(body);
-                mac.verify_slice(sig).is_ok()
-            })
+            let expected = standard_mac(key.standard.expose_secret(), id, timestamp, body);
+            candidates
+                .iter()
+                .any(|sig| bool::from(expected.as_slice().ct_eq(sig.as_slice())))
         });
         if matched {
             Ok(())
@@ -250,13 +250,26 @@ pub fn parse_hmac_signature(value: &str) -> Option<Vec<u8>> {
         .filter(|bytes| bytes.len() == 32)
 }
 
+/// The Standard Webhooks MAC of `{id}.{timestamp}.{body}`.
+fn standard_mac(key: &[u8], id: &[u8], timestamp: &[u8], body: &[u8]) -> [u8; 32] {
+    let mut mac = new_mac(key);
+    mac.update(id);
+    mac.update(b".");
+    mac.update(timestamp);
+    mac.update(b".");
+    mac.update(body);
+    mac.finalize().into_bytes().into()
+}
+
 /// Parses a Standard Webhooks signature header: space-separated `v1,<base64>`
-/// entries; entries of other versions are ignored.
+/// entries; entries of other versions are ignored, and only the first
+/// [`MAX_STANDARD_SIGNATURES`] entries are read (SPEC 2.1).
 pub fn parse_standard_signatures(header: &[u8]) -> Vec<Vec<u8>> {
     let Ok(text) = std::str::from_utf8(header) else {
         return Vec::new();
     };
     text.split_ascii_whitespace()
+        .take(MAX_STANDARD_SIGNATURES)
         .filter_map(|entry| entry.strip_prefix("v1,"))
         .filter_map(|b64| STANDARD.decode(b64).ok())
         .filter(|sig| sig.len() == 32)
@@ -281,14 +294,14 @@ pub fn sign(
             vec![(header.to_string(), format!("sha256={sig}"))]
         }
         AuthMode::StandardWebhooks => {
-            let mut mac = new_mac(&standard_webhooks_key(secret));
             let ts = now_secs.to_string();
-            mac.update(message_id.as_bytes());
-            mac.update(b".");
-            mac.update(ts.as_bytes());
-            mac.update(b".");
-            mac.update(body);
-            let sig = STANDARD.encode(mac.finalize().into_bytes());
+            let key = standard_webhooks_key(secret);
+            let sig = STANDARD.encode(standard_mac(
+                &key,
+                message_id.as_bytes(),
+                ts.as_bytes(),
+                body,
+            ));
             vec![
                 (WEBHOOK_ID.to_string(), message_id.to_string()),
                 (WEBHOOK_TIMESTAMP.to_string(), ts),
@@ -439,6 +452,30 @@ mod tests {
             .verify(&headers(h.clone()), Bytes::from_static(BODY), NOW)
             .is_ok());
         h[2].1 = format!("v1,{}", STANDARD.encode([0u8; 32]));
+        assert_eq!(
+            v.verify(&headers(h), Bytes::from_static(BODY), NOW)
+                .unwrap_err(),
+            AuthError::InvalidSignature
+        );
+    }
+
+    #[test]
+    fn standard_webhooks_reads_at_most_sixteen_signatures() {
+        let secret = format!("whsec_{}", STANDARD.encode(b"key-bytes"));
+        let v = verifier(AuthMode::StandardWebhooks, &[&secret]);
+        let mut h = sign(AuthMode::StandardWebhooks, "", &secret, BODY, NOW, "msg_1");
+        let good = h[2].1.clone();
+        let filler = format!("v1,{}", STANDARD.encode([0u8; 32]));
+        let list = |n: usize| {
+            let mut entries = vec![filler.clone(); n];
+            entries.push(good.clone());
+            entries.join(" ")
+        };
+        h[2].1 = list(15);
+        assert!(v
+            .verify(&headers(h.clone()), Bytes::from_static(BODY), NOW)
+            .is_ok());
+        h[2].1 = list(16);
         assert_eq!(
             v.verify(&headers(h), Bytes::from_static(BODY), NOW)
                 .unwrap_err(),

@@ -154,6 +154,52 @@ impl Default for HttpSettings {
     }
 }
 
+impl HttpSettings {
+    /// The rustls server configuration for HTTPS on the webhook listener,
+    /// or `None` when no certificate is configured.
+    pub fn tls_config(&self) -> Result<Option<rustls::ServerConfig>, ConfigError> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        if self.tls_cert_file.is_empty() {
+            return Ok(None);
+        }
+        let (cert_file, key_file) = (&self.tls_cert_file, &self.tls_key_file);
+        let certs = CertificateDer::pem_file_iter(cert_file)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| {
+                ConfigError::new(
+                    "http.tls_cert_file",
+                    format!("{cert_file} holds no readable PEM certificate chain: {e}"),
+                )
+            })?;
+        if certs.is_empty() {
+            return Err(ConfigError::new(
+                "http.tls_cert_file",
+                format!("{cert_file} holds no certificate"),
+            ));
+        }
+        let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| {
+            ConfigError::new(
+                "http.tls_key_file",
+                format!("{key_file} holds no readable PEM private key: {e}"),
+            )
+        })?;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ConfigError::new("http.tls_cert_file", e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| {
+                ConfigError::new(
+                    "http.tls_key_file",
+                    format!("the key does not match the certificate: {e}"),
+                )
+            })?;
+        Ok(Some(config))
+    }
+}
+
 /// An IP network (`10.0.0.0/8`, `fd00::/8`) or a single address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IpNet {
@@ -532,6 +578,15 @@ fn default_sink() -> &'static str {
 }
 
 impl Settings {
+    /// The longest one webhook can hold its lease, with the time bounds the
+    /// relay enforces: claim + publish and confirm + spool write + commit.
+    pub fn worst_case_pipeline(&self) -> Duration {
+        crate::dedup::REDIS_OP_MAX
+            + self.amqp.confirm_timeout()
+            + crate::spool::APPEND_MAX
+            + crate::dedup::REDIS_OP_MAX
+    }
+
     /// Loads the layers: built-in defaults < `file` (if any) < `env`.
     ///
     /// `env` is passed in (usually `std::env::vars()`) so tests never touch the
@@ -615,6 +670,9 @@ impl Settings {
                 ));
             }
         }
+        // A certificate that does not parse, or a key that does not match
+        // it, is a configuration error: exit 64 before any socket is bound.
+        self.http.tls_config()?;
         if self.http.listen.port() != 0 && self.http.listen == self.admin.listen {
             return Err(ConfigError::new(
                 "admin.listen",
@@ -727,10 +785,20 @@ impl Settings {
                 "must be greater than 0",
             ));
         }
-        if self.amqp.confirm_timeout() >= self.dedup.lease() {
+        let worst = self.worst_case_pipeline();
+        if self.dedup.lease() <= worst {
             return Err(ConfigError::new(
-                "amqp.confirm_timeout_ms",
-                "must be shorter than dedup.lease_secs, or a lease could expire while its publish is pending",
+                "dedup.lease_secs",
+                format!(
+                    "{} s does not outlive the worst case of one webhook ({} ms: claim {} ms + confirm {} ms + spool write {} ms + commit {} ms); raise it above {} s or lower amqp.confirm_timeout_ms",
+                    self.dedup.lease_secs,
+                    worst.as_millis(),
+                    crate::dedup::REDIS_OP_MAX.as_millis(),
+                    self.amqp.confirm_timeout_ms,
+                    crate::spool::APPEND_MAX.as_millis(),
+                    crate::dedup::REDIS_OP_MAX.as_millis(),
+                    worst.as_secs(),
+                ),
             ));
         }
         for (i, q) in self.amqp.queues.iter().enumerate() {

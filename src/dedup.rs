@@ -21,6 +21,9 @@ use crate::payload::{Status, VerificationId, VerifiedTime};
 pub const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_millis(1_000);
 /// Connecting is allowed a little longer (TLS handshakes, DNS).
 pub const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_millis(2_000);
+/// Longest one dedup operation (claim, commit or release, with its one
+/// retry) may take: a reconnect and an answer.
+pub const REDIS_OP_MAX: Duration = Duration::from_millis(3_000);
 
 /// Stored value prefixes: a lease is `lease:<token>`, a committed record is
 /// JSON and never starts with that prefix.
@@ -226,15 +229,31 @@ impl RedisDedup {
     /// Runs a script, retrying once when the connection was found broken:
     /// after a Redis restart the first command meets the dead socket, and
     /// every script here is idempotent.
+    ///
+    /// The whole call, retry included, is bounded by [`REDIS_OP_MAX`]: the
+    /// lease check of the configuration counts on that bound (SPEC 3).
     async fn invoke(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<i64, DedupError> {
         let mut conn = self.conn()?;
-        match invocation.invoke_async::<i64>(&mut conn).await {
-            Ok(v) => Ok(v),
-            Err(e) if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() => {
-                Ok(invocation.invoke_async::<i64>(&mut conn).await?)
+        let call = async {
+            match invocation.invoke_async::<i64>(&mut conn).await {
+                Ok(v) => Ok(v),
+                Err(e)
+                    if e.is_io_error()
+                        || e.is_connection_dropped()
+                        || e.is_connection_refusal() =>
+                {
+                    Ok(invocation.invoke_async::<i64>(&mut conn).await?)
+                }
+                Err(e) => Err(e.into()),
             }
-            Err(e) => Err(e.into()),
-        }
+        };
+        tokio::time::timeout(REDIS_OP_MAX, call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(DedupError::Unavailable(format!(
+                    "no answer within {REDIS_OP_MAX:?}"
+                )))
+            })
     }
 
     async fn claim(&self, id: &VerificationId) -> Result<Claim, DedupError> {

@@ -7,11 +7,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use actix_web::dev::Service as _;
 use actix_web::dev::{Server, ServerHandle};
+use actix_web::http::ConnectionType;
 use actix_web::{web, App, HttpServer};
 use anyhow::Context as _;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::auth::Verifier;
 use crate::config::{DedupBackend, Settings, SinkKind};
@@ -21,7 +24,7 @@ use crate::payload::PayloadRules;
 use crate::publish::{AmqpPublisher, Sink, StdoutSink};
 use crate::ratelimit::ClientLimits;
 use crate::routes::admin::{self, AdminState};
-use crate::routes::webhook::{self, Relay};
+use crate::routes::webhook::{self, Relay, UnknownSchemeLog};
 use crate::spool::Spool;
 
 /// How long start-up waits for the first broker connection before serving
@@ -54,6 +57,12 @@ pub struct Application {
     /// Stops the spool drainer before the final flush at shutdown.
     drain_stop: CancellationToken,
     drainer: Option<JoinHandle<()>>,
+    /// The webhook pipelines (shared with `Relay`); awaited at shutdown.
+    pipelines: TaskTracker,
+    /// Least time the shutdown gives running pipelines after the listener
+    /// stopped, even past the grace period: one pipeline's worst case, since
+    /// cutting it could lose a dedup commit.
+    pipelines_min_wait: Duration,
     sink: Arc<Sink>,
     accepting: Arc<AtomicBool>,
     grace: Duration,
@@ -130,6 +139,7 @@ impl Application {
             )),
         };
 
+        let pipelines = TaskTracker::new();
         let relay = web::Data::new(Relay {
             verifier: Verifier::new(
                 settings.auth.mode,
@@ -152,6 +162,9 @@ impl Application {
                 settings.http.rate_limit_burst,
                 settings.http.trusted_proxies.clone(),
             ),
+            pipelines: pipelines.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            unknown_scheme_log: UnknownSchemeLog::default(),
         });
         if settings.dedup.backend == DedupBackend::Redis {
             tasks.push(tokio::spawn(ping_dedup(relay.clone(), background.clone())));
@@ -184,17 +197,28 @@ impl Application {
             .context("Failed to read the admin address")?;
 
         let path = settings.http.webhook_path.clone();
-        let tls = if settings.http.tls_cert_file.is_empty() {
-            None
-        } else {
-            Some(load_tls(
-                &settings.http.tls_cert_file,
-                &settings.http.tls_key_file,
-            )?)
-        };
+        let closing = accepting.clone();
+        let tls = settings.http.tls_config()?;
         let webhook_server = HttpServer::new(move || {
+            let closing = closing.clone();
             App::new()
                 .app_data(relay.clone())
+                // Once shutdown starts, keep-alive connections are told to
+                // close, so senders reconnect to another replica (SPEC 6).
+                .wrap_fn(move |req, srv| {
+                    let closing = closing.clone();
+                    let response = srv.call(req);
+                    async move {
+                        let mut response = response.await?;
+                        if !closing.load(Ordering::Acquire) {
+                            response
+                                .response_mut()
+                                .head_mut()
+                                .set_connection_type(ConnectionType::Close);
+                        }
+                        Ok(response)
+                    }
+                })
                 .service(
                     web::resource(path.as_str())
                         .route(web::post().to(webhook::receive))
@@ -248,6 +272,8 @@ impl Application {
             background,
             drain_stop,
             drainer,
+            pipelines,
+            pipelines_min_wait: settings.worst_case_pipeline(),
             sink: sink_for_shutdown,
             accepting,
             grace: settings.shutdown.grace(),
@@ -297,6 +323,22 @@ impl Application {
                 "grace period ran out; remaining connections were closed"
             );
         }
+        // Pipelines outlive the HTTP workers: a publish confirmed just before
+        // the deadline still gets its dedup commit.
+        self.pipelines.close();
+        let left = self
+            .grace
+            .saturating_sub(started.elapsed())
+            .max(self.pipelines_min_wait);
+        if tokio::time::timeout(left, self.pipelines.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                pending = self.pipelines.len(),
+                "webhook pipelines did not finish in time; their leases expire"
+            );
+        }
         // Stop the drainer first, then give the spool one last bounded
         // chance to reach the broker while the channel is still open.
         if let Some(drainer) = self.drainer {
@@ -335,31 +377,6 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
-}
-
-/// The rustls server configuration for HTTPS on the webhook listener.
-fn load_tls(cert_file: &str, key_file: &str) -> anyhow::Result<rustls::ServerConfig> {
-    use rustls::pki_types::pem::PemObject as _;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs = CertificateDer::pem_file_iter(cert_file)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .with_context(|| {
-            format!("Failed to read the certificate chain in http.tls_cert_file {cert_file}")
-        })?;
-    if certs.is_empty() {
-        anyhow::bail!("http.tls_cert_file {cert_file} holds no certificate");
-    }
-    let key = PrivateKeyDer::from_pem_file(key_file).with_context(|| {
-        format!("Failed to read the private key in http.tls_key_file {key_file}")
-    })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("Failed to set TLS protocol versions")?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("The TLS certificate and key do not match")?;
-    Ok(config)
 }
 
 async fn forget_idle_clients(relay: web::Data<Relay>, shutdown: CancellationToken) {

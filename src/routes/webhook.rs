@@ -13,6 +13,7 @@ use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt as _;
 use serde::Serialize;
+use tokio_util::task::TaskTracker;
 
 use crate::auth::{AuthError, Verifier};
 use crate::config::OnUnavailable;
@@ -32,6 +33,10 @@ pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const IN_FLIGHT_RETRY_SECS: u64 = 5;
 /// `Retry-After` for 503: long enough for a broker or Redis to come back.
 const UNAVAILABLE_RETRY_SECS: u64 = 30;
+/// First allocation for a body; SendTalk's events are ~150 bytes.
+const INITIAL_BODY_CAPACITY: usize = 1024;
+/// At most one header-name diagnostic per this many seconds (SPEC 2.1).
+const UNKNOWN_SCHEME_LOG_EVERY_SECS: i64 = 60;
 /// Longest `X-Request-Id` taken from the caller; longer ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
 
@@ -47,6 +52,15 @@ pub struct Relay {
     pub metrics: Metrics,
     pub max_body_bytes: usize,
     pub limits: ClientLimits,
+    /// Every webhook's pipeline after its body is read. The pipelines run on
+    /// the main runtime, not on the HTTP workers', and `startup` awaits the
+    /// tracker at shutdown: a confirmed publish always gets its dedup commit
+    /// even when the HTTP workers are stopped at the grace deadline (SPEC 6).
+    pub pipelines: TaskTracker,
+    /// The runtime the pipelines run on (owned by `main` or the test).
+    pub runtime: tokio::runtime::Handle,
+    /// Rate-limits the header-name diagnostic of `missing_signature`.
+    pub unknown_scheme_log: UnknownSchemeLog,
 }
 
 impl std::fmt::Debug for Relay {
@@ -252,32 +266,36 @@ pub async fn receive(
         );
         return with_request_id(RelayError::RateLimited(wait).error_response(), &request_id);
     }
-    // The pipeline runs in its own task so a sender that hangs up cannot
-    // cancel it between the publish and the dedup commit.
-    let task = {
-        let relay = relay.clone();
-        let request_id = request_id.clone();
-        let headers = req.headers().clone();
-        let body = read_body(
-            body,
-            req.headers().get(header::CONTENT_LENGTH),
-            relay.max_body_bytes,
-        );
-        async move {
-            let mut trace = Trace::default();
-            let result = match body.await {
-                Ok(bytes) => handle(&relay, &headers, bytes, &request_id, &mut trace).await,
-                Err(e) => Err(e),
+    let headers = req.headers().clone();
+    let body = read_body(
+        body,
+        req.headers().get(header::CONTENT_LENGTH),
+        relay.max_body_bytes,
+    )
+    .await;
+    // The pipeline runs in a task of its own, tracked and on the main
+    // runtime: a sender that hangs up cannot cancel it between the publish
+    // and the dedup commit, and neither can the HTTP workers stopping.
+    let (result, trace) = match body {
+        Err(e) => (Err(e), Trace::default()),
+        Ok(bytes) => {
+            let pipeline = {
+                let relay = relay.clone();
+                let request_id = request_id.clone();
+                async move {
+                    let mut trace = Trace::default();
+                    let result = handle(&relay, &headers, bytes, &request_id, &mut trace).await;
+                    (result, trace)
+                }
             };
-            (result, trace)
+            match relay.pipelines.spawn_on(pipeline, &relay.runtime).await {
+                Ok(done) => done,
+                Err(e) => (
+                    Err(RelayError::Unavailable(format!("webhook task failed: {e}"))),
+                    Trace::default(),
+                ),
+            }
         }
-    };
-    let (result, trace) = match actix_web::rt::spawn(task).await {
-        Ok(done) => done,
-        Err(e) => (
-            Err(RelayError::Unavailable(format!("webhook task failed: {e}"))),
-            Trace::default(),
-        ),
     };
     let elapsed = started.elapsed();
     relay
@@ -357,7 +375,15 @@ async fn handle(
     let now_secs = i64::try_from(received_at.as_secs()).unwrap_or(i64::MAX);
     let now_ms = u64::try_from(received_at.as_millis()).unwrap_or(u64::MAX);
 
-    let authed = relay.verifier.verify(headers, body, now_secs)?;
+    let authed = match relay.verifier.verify(headers, body, now_secs) {
+        Ok(authed) => authed,
+        Err(e) => {
+            if e == AuthError::MissingSignature {
+                relay.unknown_scheme_log.headers_seen(headers, now_secs);
+            }
+            return Err(e.into());
+        }
+    };
     let parsed = check_media_type(headers.get(header::CONTENT_TYPE).map(HeaderValue::as_bytes))
         .and_then(|()| VerificationEvent::parse(&authed, &relay.rules, now_ms));
     let event = match parsed {
@@ -375,21 +401,15 @@ async fn handle(
     trace.phone = Some(event.user_phone.masked());
 
     let claim = match relay.dedup.claim(&event.id).await {
-        Ok(claim) => {
-            relay.metrics.redis_connected.set(1);
-            Some(claim)
-        }
-        Err(e) => {
-            relay.metrics.redis_connected.set(0);
-            match relay.on_unavailable {
-                OnUnavailable::Reject => return Err(RelayError::Unavailable(e.to_string())),
-                OnUnavailable::Publish => {
-                    tracing::warn!(request_id, error = %e, "dedup store unavailable; publishing without a dedup check");
-                    relay.metrics.dedup_skipped.inc();
-                    None
-                }
+        Ok(claim) => Some(claim),
+        Err(e) => match relay.on_unavailable {
+            OnUnavailable::Reject => return Err(RelayError::Unavailable(e.to_string())),
+            OnUnavailable::Publish => {
+                tracing::warn!(request_id, error = %e, "dedup store unavailable; publishing without a dedup check");
+                relay.metrics.dedup_skipped.inc();
+                None
             }
-        }
+        },
     };
     let token: Option<LeaseToken> = match claim {
         Some(Claim::Duplicate) => return Ok(Accepted::Duplicate),
@@ -474,8 +494,9 @@ fn read_body(
             return Err(RelayError::PayloadTooLarge(max));
         }
         let read = async {
-            let mut buffer =
-                BytesMut::with_capacity(declared.map_or(1024, |l| l as usize).min(max));
+            // Sized for a typical event, not from Content-Length: a declared
+            // length is only a claim until the bytes arrive.
+            let mut buffer = BytesMut::with_capacity(INITIAL_BODY_CAPACITY.min(max));
             while let Some(chunk) = payload.next().await {
                 let chunk = chunk.map_err(|e| RelayError::BodyRead(e.to_string()))?;
                 if buffer.len() + chunk.len() > max {
@@ -514,4 +535,37 @@ pub async fn not_found() -> Result<HttpResponse, RelayError> {
 /// JSON 405 for other methods on the webhook path.
 pub async fn method_not_allowed() -> Result<HttpResponse, RelayError> {
     Err(RelayError::MethodNotAllowed)
+}
+
+/// Logs the header names (never values) of a request refused with
+/// `missing_signature`, at most once a minute, so that an operator can see
+/// how the provider really sends its secret (SPEC 2.1).
+#[derive(Debug, Default)]
+pub struct UnknownSchemeLog {
+    /// Unix seconds of the last line; 0 before the first.
+    last_secs: std::sync::atomic::AtomicI64,
+}
+
+impl UnknownSchemeLog {
+    fn headers_seen(&self, headers: &header::HeaderMap, now_secs: i64) {
+        use std::sync::atomic::Ordering;
+        let last = self.last_secs.load(Ordering::Acquire);
+        if last != 0 && now_secs - last < UNKNOWN_SCHEME_LOG_EVERY_SECS {
+            return;
+        }
+        if self
+            .last_secs
+            .compare_exchange(last, now_secs, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
+        let mut names: Vec<&str> = headers.keys().map(header::HeaderName::as_str).collect();
+        names.sort_unstable();
+        names.dedup();
+        tracing::warn!(
+            header_names = names.join(","),
+            "webhook refused with missing_signature; these are the headers it carried (names only, at most once a minute)"
+        );
+    }
 }

@@ -32,6 +32,11 @@ use crate::message::Envelope;
 use crate::publish::{LateConfirm, PublishError};
 use store::{storage, Command, EVENTS, FILE_NAME};
 
+/// Longest an append may take, fsync included. Past it the webhook is
+/// answered 503 (the entry may still land and be drained: at worst a
+/// duplicate, never a loss). The lease check of the configuration counts on
+/// this bound (SPEC 3).
+pub const APPEND_MAX: Duration = Duration::from_secs(5);
 /// First wait before a refused entry is retried; doubles per refusal.
 const RETRY_MIN: Duration = Duration::from_secs(1);
 /// Longest wait between retries of a refused entry.
@@ -290,7 +295,10 @@ impl Spool {
             self.set_hold(seq, hold);
         }
         let (done, wait) = oneshot::channel();
-        let result = self.send(Command::Append { seq, bytes, done }, wait).await;
+        let write = self.send(Command::Append { seq, bytes, done }, wait);
+        let result = tokio::time::timeout(APPEND_MAX, write)
+            .await
+            .unwrap_or_else(|_| Err(storage(format!("no fsync within {APPEND_MAX:?}"))));
         match &result {
             Ok(()) => {
                 shared.depth.fetch_add(1, Ordering::AcqRel);
