@@ -21,34 +21,38 @@ pub const DEFAULT_WA_NUMBER: &str = "6280000000000";
 
 /// A stand-in for SendTalk's WhatsApp Verification API (SPEC 10).
 ///
-/// Serves SendTalk's documented create endpoint
-/// (POST /api/v1/verification/create_whatsapp_verification, header API-Key)
-/// and, for tests and demos, POST /sim/verifications/{id}/complete, which
-/// plays the user sending the WhatsApp message: the simulator then POSTs the
-/// documented webhook body to --webhook-url, signed per --auth-mode, retrying
-/// non-2xx or timed-out deliveries with exponential backoff.
-/// GET /sim/deliveries lists every delivery attempt; GET /healthz answers 200.
+/// Endpoints:
+///   POST /api/v1/verification/create_whatsapp_verification
+///        SendTalk's documented create (header API-Key); answers in the
+///        documented envelope {status, error {code, message, field}, data}
+///   POST /sim/verifications/{id}/complete   [body {"userPhone": "..."}]
+///        plays the user sending the WhatsApp message: POSTs the documented
+///        webhook body to --webhook-url per --auth-mode, retrying non-2xx or
+///        timed-out deliveries with doubling backoff
+///   GET  /sim/deliveries[?verificationId=ID]   every delivery attempt
+///   GET  /healthz
 ///
-/// Deterministic triggers on create, by the last four digits of userPhone:
-/// 0000 -> data.success=false, reason invalid_recipient;
-/// 0001 -> reason insufficient_balance;
-/// 0002 -> reason config_disabled;
-/// 0003 -> HTTP 500 with a plain-text body;
-/// 0004 -> HTTP 200 with a body that is not JSON;
-/// 0005 -> success, but only after --slow-phone-delay-ms.
-/// Any other number succeeds.
-///
-/// API-Key missing -> envelope status 400, code 40001 (documented); wrong ->
-/// status 401, code 40100 (undocumented upstream: the simulator's choice).
+/// Create triggers, by the last four digits of userPhone:
+///   0000  data.success=false, reason invalid_recipient
+///   0001  data.success=false, reason insufficient_balance
+///   0002  data.success=false, reason config_disabled
+///   0003  HTTP 500, plain-text body
+///   0004  HTTP 200, HTML body (not JSON)
+///   0005  success after --slow-phone-delay-ms
+///   other success
+/// API-Key missing: envelope status 400, code 40001 (documented).
+/// API-Key wrong:   envelope status 401, code 40100 (the simulator's choice).
+/// Parameter error: envelope status 400, code 40002, field named.
 #[derive(Parser)]
-#[command(name = "sendtalk-sim", version, about, long_about)]
+#[command(name = "sendtalk-sim", version, verbatim_doc_comment)]
 pub struct Cli {
     /// Address the simulator listens on.
     #[arg(long, env = "SENDTALK_SIM_LISTEN", default_value = "127.0.0.1:8099")]
     pub listen: SocketAddr,
 
     /// API key that clients must send in the `API-Key` header.
-    #[arg(long, env = "SENDTALK_SIM_API_KEY", default_value = DEV_API_KEY, hide_default_value = true)]
+    #[arg(long, env = "SENDTALK_SIM_API_KEY", default_value = DEV_API_KEY,
+          hide_default_value = true, hide_env_values = true)]
     pub api_key: String,
 
     /// Where verified webhooks are POSTed (plain http).
@@ -69,7 +73,8 @@ pub struct Cli {
     pub header: Option<String>,
 
     /// Webhook secret key [default: the development secret `dev-secret`].
-    #[arg(long, env = "SENDTALK_SIM_SECRET", default_value = DEV_SECRET, hide_default_value = true)]
+    #[arg(long, env = "SENDTALK_SIM_SECRET", default_value = DEV_SECRET,
+          hide_default_value = true, hide_env_values = true)]
     pub secret: String,
 
     /// SendTalk's WhatsApp business number, the recipient in `waLink`.
@@ -132,6 +137,7 @@ pub enum CreateFault {
     /// Answer normally.
     None,
     /// HTTP 500 with a plain-text body.
+    #[value(name = "http-500")]
     Http500,
     /// HTTP 200 with a body that is not JSON.
     NotJson,
