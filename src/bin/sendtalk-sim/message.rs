@@ -9,8 +9,9 @@ use rand::distr::{Alphanumeric, SampleString as _};
 use time::macros::{format_description, offset};
 use time::OffsetDateTime;
 
-/// Pixels per QR module: a version-15 code (the size of a typical link) comes
-/// out near 400 px wide, readable from a screen.
+/// Pixels per QR module: a typical `waLink` (about 480 characters) needs a
+/// version-15 code, 77 modules, so the image is 340 px wide with the quiet
+/// zone: readable from a screen, a few KiB of PNG.
 const QR_SCALE: usize = 4;
 /// Light modules around the code, the width the QR standard asks for.
 const QR_QUIET_ZONE: usize = 4;
