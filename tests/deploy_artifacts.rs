@@ -137,6 +137,24 @@ fn compose_env(service: &Value) -> BTreeMap<String, String> {
     }
 }
 
+/// The relay's settings as compose's `SENDTALK_RELAY__*` variables make them,
+/// with compose interpolation (`${VAR:?msg}`, `${VAR:-default}`) resolved.
+fn compose_relay_settings(env: &BTreeMap<String, String>) -> Settings {
+    let vars: Vec<(String, String)> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .map(|(k, v)| {
+            let v = match k.as_str() {
+                _ if !v.contains("${") => v.clone(),
+                "SENDTALK_RELAY__AUTH__SECRETS" => "a-secret".into(),
+                _ => v.replace("${RABBITMQ_PASSWORD:-sendtalk}", "sendtalk"),
+            };
+            (k.clone(), v)
+        })
+        .collect();
+    Settings::load(None, vars).unwrap_or_else(|e| panic!("compose relay env: {e}"))
+}
+
 fn systemd_unit() -> String {
     read("systemd/sendtalk-relay.service")
 }
@@ -558,25 +576,11 @@ fn compose_configures_a_complete_relay_through_the_environment_only() {
     );
     // No file means embedded defaults (stdout, memory, loopback): each must be
     // overridden, and the result must load.
-    let mut vars: Vec<(String, String)> = env
-        .iter()
-        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    for (k, v) in &mut vars {
-        if v.contains("${") {
-            // Compose interpolation: ${VAR:?msg} and ${VAR:-default}.
-            *v = match k.as_str() {
-                "SENDTALK_RELAY__AUTH__SECRETS" => "a-secret".into(),
-                _ => v.replace("${RABBITMQ_PASSWORD:-sendtalk}", "sendtalk"),
-            };
-        }
-    }
     assert!(
         env["SENDTALK_RELAY__AUTH__SECRETS"].starts_with("${SENDTALK_WEBHOOK_SECRET"),
         "the secret comes from the caller's environment"
     );
-    let settings = Settings::load(None, vars).unwrap_or_else(|e| panic!("compose relay env: {e}"));
+    let settings = compose_relay_settings(&env);
     assert_eq!(settings.sink, SinkKind::Amqp);
     assert_eq!(settings.dedup.backend, DedupBackend::Redis);
     assert!(settings.http.listen.ip().is_unspecified());
@@ -608,6 +612,52 @@ fn compose_configures_a_complete_relay_through_the_environment_only() {
     assert!(
         services["consumer"].is_object(),
         "compose runs the example consumer"
+    );
+}
+
+#[test]
+fn compose_simulator_delivers_to_the_relay_webhook_with_its_mode_and_secret() {
+    let compose = compose();
+    let services = compose["services"].as_object().unwrap();
+    let sim = compose_env(&services["sim"]);
+    let relay = compose_env(&services["relay"]);
+    let settings = compose_relay_settings(&relay);
+
+    let url = format!(
+        "http://relay:{}{}",
+        settings.http.listen.port(),
+        settings.http.webhook_path
+    );
+    assert_eq!(sim["SENDTALK_SIM_WEBHOOK_URL"], url);
+    assert_eq!(
+        sim["SENDTALK_SIM_SECRET"], relay["SENDTALK_RELAY__AUTH__SECRETS"],
+        "the simulator signs with the relay's (single) secret"
+    );
+    let mode = sim
+        .get("SENDTALK_SIM_AUTH_MODE")
+        .map_or("secret-header", String::as_str);
+    assert_eq!(
+        mode,
+        settings.auth.mode.as_str(),
+        "simulator and relay auth mode"
+    );
+    // The simulator's header defaults per mode as the relay's does.
+    let header = sim.get("SENDTALK_SIM_HEADER").map_or(
+        match mode {
+            "hmac-sha256" => "X-SendTalk-Signature",
+            _ => "X-Secret-Key",
+        },
+        String::as_str,
+    );
+    assert!(
+        header.eq_ignore_ascii_case(&settings.auth.header),
+        "{header}"
+    );
+    assert!(
+        services["sim"]["healthcheck"]["test"]
+            .to_string()
+            .contains("/dev/tcp/127.0.0.1/8099"),
+        "the sim health check probes its own port"
     );
 }
 
