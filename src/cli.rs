@@ -32,9 +32,15 @@ impl SenderKey {
                 .map(|s| s.expose_secret().to_string())
                 .context("no secret: pass --secret or configure auth.secrets")?,
         };
+        // A mode other than the configured one brings its own default header.
+        let header = match (header, mode) {
+            (Some(h), _) => h,
+            (None, Some(m)) if m != settings.auth.mode => m.default_header().to_string(),
+            (None, _) => settings.auth.header().to_string(),
+        };
         Ok(Self {
             mode: mode.unwrap_or(settings.auth.mode),
-            header: header.unwrap_or_else(|| settings.auth.header.clone()),
+            header,
             secret,
         })
     }

@@ -299,6 +299,16 @@ pub enum AuthMode {
 }
 
 impl AuthMode {
+    /// `auth.header` when it is not set: `X-Secret-Key` (TapTalk's header for
+    /// the secret key itself) or `X-SendTalk-Signature` (HMAC). Standard
+    /// Webhooks has fixed header names and ignores it.
+    pub fn default_header(self) -> &'static str {
+        match self {
+            AuthMode::SecretHeader => "X-Secret-Key",
+            AuthMode::HmacSha256 | AuthMode::StandardWebhooks => "X-SendTalk-Signature",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             AuthMode::HmacSha256 => "hmac-sha256",
@@ -326,7 +336,10 @@ impl std::str::FromStr for AuthMode {
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSettings {
     pub mode: AuthMode,
-    pub header: String,
+    /// The header carrying the secret or signature; `None` means the mode's
+    /// default ([`AuthMode::default_header`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
     pub secrets: Vec<String>,
     pub secret_files: Vec<PathBuf>,
     pub tolerance_secs: u64,
@@ -335,8 +348,9 @@ pub struct AuthSettings {
 impl Default for AuthSettings {
     fn default() -> Self {
         Self {
-            mode: AuthMode::HmacSha256,
-            header: "X-SendTalk-Signature".into(),
+            // TapTalk's convention for calls to a customer's URL (SPEC 2.1).
+            mode: AuthMode::SecretHeader,
+            header: None,
             secrets: Vec::new(),
             secret_files: Vec::new(),
             tolerance_secs: DEFAULT_TOLERANCE_SECS,
@@ -345,6 +359,13 @@ impl Default for AuthSettings {
 }
 
 impl AuthSettings {
+    /// The header name in effect: the configured one, else the mode's default.
+    pub fn header(&self) -> &str {
+        self.header
+            .as_deref()
+            .unwrap_or_else(|| self.mode.default_header())
+    }
+
     pub fn tolerance(&self) -> Duration {
         Duration::from_secs(self.tolerance_secs)
     }
@@ -679,7 +700,7 @@ impl Settings {
                 "must differ from http.listen",
             ));
         }
-        if actix_web::http::header::HeaderName::from_bytes(self.auth.header.as_bytes()).is_err() {
+        if actix_web::http::header::HeaderName::from_bytes(self.auth.header().as_bytes()).is_err() {
             return Err(ConfigError::new(
                 "auth.header",
                 "is not a valid HTTP header name",
@@ -877,6 +898,7 @@ impl Settings {
             .map(|_| REDACTED.to_string())
             .collect();
         copy.redis.url = redact_url_password(&copy.redis.url);
+        copy.auth.header = Some(self.auth.header().to_string());
         copy.amqp.uri = OneOrMany::Many(
             copy.amqp
                 .uris()

@@ -45,7 +45,7 @@ enum Command {
         /// hmac-sha256, standard-webhooks or secret-header (default: configured).
         #[arg(long, value_name = "M")]
         mode: Option<AuthMode>,
-        /// Signature header name (default: configured auth.header).
+        /// Header name (default: configured auth.header, else the mode's default).
         #[arg(long, value_name = "H")]
         header: Option<String>,
         /// Secret key (default: the first configured secret).

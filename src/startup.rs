@@ -143,7 +143,7 @@ impl Application {
         let relay = web::Data::new(Relay {
             verifier: Verifier::new(
                 settings.auth.mode,
-                &settings.auth.header,
+                settings.auth.header(),
                 &settings.resolved_secrets,
                 settings.auth.tolerance(),
             ),

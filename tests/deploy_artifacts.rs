@@ -650,7 +650,7 @@ fn compose_simulator_delivers_to_the_relay_webhook_with_its_mode_and_secret() {
         String::as_str,
     );
     assert!(
-        header.eq_ignore_ascii_case(&settings.auth.header),
+        header.eq_ignore_ascii_case(settings.auth.header()),
         "{header}"
     );
     assert!(

@@ -147,6 +147,9 @@ pub fn base_env(exchange: &str, prefix: &str, spool: &std::path::Path) -> Vec<(S
         ("HTTP__LISTEN", "127.0.0.1:0".into()),
         ("ADMIN__LISTEN", "127.0.0.1:0".into()),
         ("AUTH__SECRETS", SECRET.into()),
+        // The tests sign with HMAC (computed here, independently of the
+        // relay); the default secret-header mode has tests of its own.
+        ("AUTH__MODE", "hmac-sha256".into()),
         ("DEDUP__BACKEND", "redis".into()),
         ("DEDUP__KEY_PREFIX", prefix.into()),
         ("REDIS__URL", REDIS_URL.into()),
