@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod proxy;
+pub mod rabbit_node;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
