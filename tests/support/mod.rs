@@ -9,6 +9,7 @@
 
 pub mod proxy;
 pub mod rabbit_node;
+pub mod tmpfs;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
