@@ -8,6 +8,8 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod proxy;
+pub mod rabbit_node;
+pub mod tmpfs;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
