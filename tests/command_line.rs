@@ -138,7 +138,12 @@ fn sign(args: &[&str], body: &[u8]) -> String {
 #[test]
 fn sign_prints_the_headers_a_sender_attaches() {
     let body = br#"{"id":"x"}"#;
+    // The default mode sends the secret key itself (SPEC 2.1).
     let text = sign(&["--secret", "k3y"], body);
+    assert_eq!(text.trim(), "X-Secret-Key: k3y");
+
+    // Another mode brings its own default header.
+    let text = sign(&["--mode", "hmac-sha256", "--secret", "k3y"], body);
     assert_eq!(
         text.trim(),
         format!("X-SendTalk-Signature: {}", hmac_hex("k3y", body))
@@ -310,4 +315,68 @@ fn configured_secrets_never_reach_the_logs_even_at_debug_level() {
     for secret in ["very-private-key", "guess", "6281212345678"] {
         assert!(!stderr.contains(secret), "{secret} leaked:\n{stderr}");
     }
+}
+
+/// SPEC 2.1: with no configuration the relay expects TapTalk's convention,
+/// the secret key as is in `X-Secret-Key`; a request refused with
+/// `missing_signature` logs the names of its headers (never their values),
+/// at most once a minute.
+#[test]
+fn the_default_mode_takes_the_secret_in_x_secret_key_and_logs_unknown_header_names() {
+    let mut cmd = relay();
+    let (port, _) = listen_on_free_ports(&mut cmd);
+    let running = Running::start(cmd);
+    assert!(running.wait_for_log("sendtalk-relay listening", Duration::from_secs(10)));
+    let url = format!("http://127.0.0.1:{port}/webhooks/sendtalk/verification");
+    let body = format!(
+        r#"{{"id":"{}","userPhone":"6281212345678","status":"verified","verifiedTime":{}}}"#,
+        unique("xsk"),
+        now_ms()
+    );
+    let post = |(name, value): (&str, &str)| {
+        let headers = [
+            ("content-type".to_string(), "application/json".to_string()),
+            (name.to_string(), value.to_string()),
+        ];
+        post_blocking(&url, &body, &headers)
+    };
+    let ok = post(("X-Secret-Key", "dev-secret"));
+    assert_eq!(ok, 200);
+    let unknown = post(("X-Callback-Token", "value-never-logged-1"));
+    assert_eq!(unknown, 401);
+    let again = post(("X-Other-Token", "value-never-logged-2"));
+    assert_eq!(again, 401);
+    assert!(running.wait_for_log("x-callback-token", Duration::from_secs(5)));
+    let (code, _, stderr) = running.terminate();
+    assert_eq!(code, Some(0));
+    assert!(
+        !stderr.contains("value-never-logged"),
+        "values are never logged"
+    );
+    assert_eq!(
+        stderr.matches("headers it carried").count(),
+        1,
+        "at most one line a minute: {stderr}"
+    );
+    assert!(!stderr.contains("x-other-token"));
+}
+
+/// POSTs from a blocking test and returns the status code.
+fn post_blocking(url: &str, body: &str, headers: &[(String, String)]) -> u16 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut req = reqwest::Client::new().post(url);
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        req.body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    })
 }
