@@ -454,7 +454,12 @@ pub struct TestConsumer {
 
 impl TestConsumer {
     pub async fn bind(exchange: &str, binding: &str) -> Self {
-        let conn = Connection::connect(AMQP_URI, ConnectionProperties::default())
+        Self::bind_on(AMQP_URI, exchange, binding).await
+    }
+
+    /// Like [`Self::bind`], on the broker at `uri` (a private node).
+    pub async fn bind_on(uri: &str, exchange: &str, binding: &str) -> Self {
+        let conn = Connection::connect(uri, ConnectionProperties::default())
             .await
             .expect("RabbitMQ reachable");
         let channel = conn.create_channel().await.unwrap();
