@@ -134,6 +134,7 @@ pub struct TestApp {
     pub consumer: Option<TestConsumer>,
     pub app_metrics: sendtalk_relay::metrics::Metrics,
     pub spool: Option<sendtalk_relay::spool::Spool>,
+    pub publisher: Option<sendtalk_relay::publish::AmqpPublisher>,
     shutdown: CancellationToken,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     owns_names: bool,
@@ -195,6 +196,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
     let admin_url = format!("http://{}", app.admin_addr());
     let app_metrics = app.metrics().clone();
     let spool = app.spool().cloned();
+    let publisher = app.publisher().cloned();
     let shutdown = CancellationToken::new();
     let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
     TestApp {
@@ -210,6 +212,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         consumer,
         app_metrics,
         spool,
+        publisher,
         shutdown,
         handle: Some(handle),
         owns_names,
