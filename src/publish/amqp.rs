@@ -296,7 +296,12 @@ impl AmqpPublisher {
             tokio::select! {
                 () = tokio::time::sleep(HEALTH_POLL) => {}
                 () = self.inner.wake.notified() => {}
-                _ = blocked.changed() => {}
+                changed = blocked.changed() => {
+                    // The events task ended with the connection: poll instead.
+                    if changed.is_err() {
+                        tokio::time::sleep(HEALTH_POLL).await;
+                    }
+                }
                 () = shutdown.cancelled() => return,
             }
             if !link.is_open() {
