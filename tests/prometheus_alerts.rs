@@ -48,14 +48,13 @@ impl Prometheus {
         let port = free_port();
         let child = Command::new(binary)
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .stdout(Stdio::null())
-            .stderr(if std::env::var("TEST_LOG").is_ok() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
+            .stderr(child_stderr())
             .spawn()
             .unwrap();
         Prometheus {
@@ -113,7 +112,11 @@ async fn prometheus_fires_the_broker_down_alert_and_resolves_it() {
         eventually(Duration::from_secs(30), || prometheus.target_up()).await,
         "Prometheus scrapes the relay"
     );
-    assert_eq!(prometheus.alert_state().await, None, "no alert while connected");
+    assert_eq!(
+        prometheus.alert_state().await,
+        None,
+        "no alert while connected"
+    );
 
     broker.cut();
     let cut_at = Instant::now();
