@@ -19,7 +19,7 @@ use crate::auth::{AuthError, Verifier};
 use crate::config::OnUnavailable;
 use crate::dedup::{Claim, Dedup, LeaseToken};
 use crate::message::{DedupMark, Envelope};
-use crate::metrics::{Metrics, Outcome};
+use crate::metrics::{Metrics, Outcome, Stage};
 use crate::payload::{check_media_type, PayloadError, PayloadRules, VerificationEvent};
 use crate::publish::Sink;
 use crate::ratelimit::ClientLimits;
@@ -283,8 +283,10 @@ pub async fn receive(
                 let relay = relay.clone();
                 let request_id = request_id.clone();
                 async move {
+                    let started = Instant::now();
                     let mut trace = Trace::default();
                     let result = handle(&relay, &headers, bytes, &request_id, &mut trace).await;
+                    relay.metrics.stage(Stage::Total, started.elapsed());
                     (result, trace)
                 }
             };
@@ -400,7 +402,10 @@ async fn handle(
     trace.id = Some(event.id.as_str().to_string());
     trace.phone = Some(event.user_phone.masked());
 
-    let claim = match relay.dedup.claim(&event.id).await {
+    let claim_started = Instant::now();
+    let claimed = relay.dedup.claim(&event.id).await;
+    relay.metrics.stage(Stage::Claim, claim_started.elapsed());
+    let claim = match claimed {
         Ok(claim) => Some(claim),
         Err(e) => match relay.on_unavailable {
             OnUnavailable::Reject => return Err(RelayError::Unavailable(e.to_string())),
@@ -443,11 +448,13 @@ async fn handle(
     };
     if let Some(token) = &token {
         // The event is safe now; a failed commit only weakens dedup.
-        if let Err(e) = relay
+        let commit_started = Instant::now();
+        let committed = relay
             .dedup
             .commit(&event.id, token, &event.status, event.verified_time)
-            .await
-        {
+            .await;
+        relay.metrics.stage(Stage::Commit, commit_started.elapsed());
+        if let Err(e) = committed {
             relay.metrics.dedup_commit_failed.inc();
             tracing::warn!(request_id, verification_id = event.id.as_str(), error = %e, "dedup commit failed after the event was made durable");
         }
@@ -457,7 +464,10 @@ async fn handle(
 
 /// Publishes with confirm, or spools when the broker cannot take the event.
 async fn make_durable(relay: &Relay, envelope: &Envelope) -> Result<Accepted, RelayError> {
-    let publish_error = match relay.sink.publish(envelope).await {
+    let publish_started = Instant::now();
+    let published = relay.sink.publish(envelope).await;
+    relay.metrics.stage(Stage::Publish, publish_started.elapsed());
+    let publish_error = match published {
         Ok(()) => return Ok(Accepted::Published),
         Err(e) => e,
     };
@@ -467,7 +477,10 @@ async fn make_durable(relay: &Relay, envelope: &Envelope) -> Result<Accepted, Re
         )));
     };
     let reason = publish_error.to_string();
-    match spool.append(envelope, Spooled::after(publish_error)).await {
+    let spool_started = Instant::now();
+    let appended = spool.append(envelope, Spooled::after(publish_error)).await;
+    relay.metrics.stage(Stage::Spool, spool_started.elapsed());
+    match appended {
         Ok(()) => {
             tracing::warn!(
                 request_id = envelope.request_id,
