@@ -306,7 +306,9 @@ impl RedisDedup {
                     // Gone between the two commands: try the SET again.
                     None => continue,
                     Some(v) if v == token.0.as_bytes() => return Ok(Claim::Claimed(token)),
-                    Some(v) if v.starts_with(LEASE_PREFIX.as_bytes()) => return Ok(Claim::InFlight),
+                    Some(v) if v.starts_with(LEASE_PREFIX.as_bytes()) => {
+                        return Ok(Claim::InFlight)
+                    }
                     Some(_) => return Ok(Claim::Duplicate),
                 }
             }

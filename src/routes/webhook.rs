@@ -495,7 +495,9 @@ fn commit_after_answer(
 async fn make_durable(relay: &Relay, envelope: &Envelope) -> Result<Accepted, RelayError> {
     let publish_started = Instant::now();
     let published = relay.sink.publish(envelope).await;
-    relay.metrics.stage(Stage::Publish, publish_started.elapsed());
+    relay
+        .metrics
+        .stage(Stage::Publish, publish_started.elapsed());
     let publish_error = match published {
         Ok(()) => return Ok(Accepted::Published),
         Err(e) => e,

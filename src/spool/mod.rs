@@ -406,7 +406,11 @@ impl Spool {
     /// may publish now, up to `limit`. A range read: a drain pass moves
     /// forward through the table instead of walking over what it already
     /// took (and may still be publishing or deleting).
-    fn oldest_from(&self, from: u64, limit: usize) -> Result<Vec<(u64, Envelope, u64)>, SpoolError> {
+    fn oldest_from(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Envelope, u64)>, SpoolError> {
         let now = Instant::now();
         let holds = self
             .inner
