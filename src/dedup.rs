@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
 
+use crate::config::{RedisMode, RedisSettings};
 use crate::payload::{Status, VerificationId, VerifiedTime};
 
 /// How long one Redis command may take before the store counts as down: a
@@ -163,6 +164,12 @@ impl Dedup {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Connections: one kind per `redis.mode` (SPEC 11), all behind `RedisConn`,
+// which implements `ConnectionLike`, so the scripts below are shared. Routing
+// (cluster MOVED/ASK, sentinel master discovery) is the redis crate's own.
+// ---------------------------------------------------------------------------
+
 /// Tells the per-thread connection caches of different stores apart (tests
 /// run several relays in one process).
 static NEXT_STORE: AtomicUsize = AtomicUsize::new(0);
@@ -172,13 +179,195 @@ thread_local! {
     /// driver task runs on the runtime that first used it; keeping it on the
     /// handler's own thread saves two thread hops per Redis call (measured:
     /// CPU per request -25 %, context switches -52 %).
-    static CONNECTIONS: RefCell<HashMap<usize, ConnectionManager>> = RefCell::new(HashMap::new());
+    static CONNECTIONS: RefCell<HashMap<usize, RedisConn>> = RefCell::new(HashMap::new());
+}
+
+/// Cluster client retries (MOVED/ASK redirections do not count): enough to
+/// ride over a slot-map refresh, few enough to stay inside [`REDIS_OP_MAX`].
+const CLUSTER_RETRIES: u32 = 3;
+/// Bounds of the cluster client's back-off between retries, in ms: a
+/// failover takes about a second (`cluster-node-timeout` plus an election).
+const CLUSTER_RETRY_WAIT_MS: (u64, u64) = (50, 500);
+
+/// Where the store's connections come from; built without I/O.
+enum Backend {
+    /// One server; `ConnectionManager` reconnects by itself.
+    Standalone {
+        client: redis::Client,
+        config: redis::aio::ConnectionManagerConfig,
+    },
+    /// Redis Cluster: the client follows MOVED/ASK and refreshes its slot map.
+    Cluster(redis::cluster::ClusterClient),
+    /// A master found through the sentinels, asked again after a failure.
+    Sentinel {
+        /// Shared by every thread; locked only while (re)connecting.
+        client: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
+        config: redis::AsyncConnectionConfig,
+    },
+}
+
+/// One connection of whichever kind the mode uses.
+#[derive(Clone)]
+enum RedisConn {
+    Standalone(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+    Sentinel(redis::aio::MultiplexedConnection),
+}
+
+impl redis::aio::ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            RedisConn::Standalone(c) => c.req_packed_command(cmd),
+            RedisConn::Cluster(c) => c.req_packed_command(cmd),
+            RedisConn::Sentinel(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            RedisConn::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Sentinel(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConn::Standalone(c) => c.get_db(),
+            RedisConn::Cluster(c) => c.get_db(),
+            RedisConn::Sentinel(c) => c.get_db(),
+        }
+    }
+}
+
+/// Whether an error means the connection (or, after a failover, the node
+/// behind it) is unusable, so the next attempt should start afresh.
+fn is_connection_error(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        // A demoted master answers writes with READONLY (inside a script
+        // too): the sentinels know the new one.
+        || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+        || e.to_string().contains("READONLY")
+}
+
+impl Backend {
+    /// Builds the mode's client from the settings, without any I/O.
+    fn new(settings: &RedisSettings) -> redis::RedisResult<Backend> {
+        Ok(match settings.mode {
+            RedisMode::Standalone => Backend::Standalone {
+                client: redis::Client::open(settings.url.as_str())?,
+                config: redis::aio::ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT))
+                    .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_secs(2)),
+            },
+            RedisMode::Cluster => Backend::Cluster(
+                redis::cluster::ClusterClient::builder(settings.urls.iter().map(String::as_str))
+                    .connection_timeout(REDIS_CONNECT_TIMEOUT)
+                    .response_timeout(REDIS_RESPONSE_TIMEOUT)
+                    .retries(CLUSTER_RETRIES)
+                    .min_retry_wait(CLUSTER_RETRY_WAIT_MS.0)
+                    .max_retry_wait(CLUSTER_RETRY_WAIT_MS.1)
+                    .build()?,
+            ),
+            RedisMode::Sentinel => {
+                // The master is reached the way the sentinels are: with TLS
+                // when they are `rediss://`, with the first URL's username,
+                // password and database.
+                let first = settings.urls.first().ok_or_else(|| {
+                    redis::RedisError::from((
+                        redis::ErrorKind::InvalidClientConfig,
+                        "redis.urls lists no sentinel",
+                    ))
+                })?;
+                let info = redis::IntoConnectionInfo::into_connection_info(first.as_str())?;
+                let creds = info.redis_settings();
+                let mut master = redis::RedisConnectionInfo::default().set_db(creds.db());
+                if let Some(user) = creds.username() {
+                    master = master.set_username(user);
+                }
+                if let Some(password) = creds.password() {
+                    master = master.set_password(password);
+                }
+                let mut node = redis::sentinel::SentinelNodeConnectionInfo::default()
+                    .set_redis_connection_info(master);
+                if first.starts_with("rediss://") {
+                    let insecure = first.ends_with("#insecure");
+                    node = node.set_tls_mode(if insecure {
+                        redis::TlsMode::Insecure
+                    } else {
+                        redis::TlsMode::Secure
+                    });
+                }
+                // The sentinels themselves never have a database: the
+                // number only applies to the master.
+                let sentinels = settings
+                    .urls
+                    .iter()
+                    .map(|u| {
+                        redis::IntoConnectionInfo::into_connection_info(u.as_str()).map(|i| {
+                            let s = i.redis_settings().clone().set_db(0);
+                            i.set_redis_settings(s)
+                        })
+                    })
+                    .collect::<redis::RedisResult<Vec<_>>>()?;
+                let client = redis::sentinel::SentinelClient::build(
+                    sentinels,
+                    settings.sentinel_service.as_str(),
+                    Some(node),
+                    redis::sentinel::SentinelServerType::Master,
+                )?;
+                Backend::Sentinel {
+                    client: tokio::sync::Mutex::new(client),
+                    config: redis::AsyncConnectionConfig::new()
+                        .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT))
+                        .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT)),
+                }
+            }
+        })
+    }
+
+    /// A new connection. Standalone: lazy, no I/O. Cluster: connects to the
+    /// seeds and reads the slot map. Sentinel: asks the sentinels for the
+    /// master (checking its role) and connects to it.
+    async fn connect(&self) -> redis::RedisResult<RedisConn> {
+        Ok(match self {
+            Backend::Standalone { client, config } => RedisConn::Standalone(
+                ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?,
+            ),
+            Backend::Cluster(client) => RedisConn::Cluster(client.get_async_connection().await?),
+            Backend::Sentinel { client, config } => RedisConn::Sentinel(
+                client
+                    .lock()
+                    .await
+                    .get_async_connection_with_config(config)
+                    .await?,
+            ),
+        })
+    }
+
+    /// Whether a broken connection should be dropped and made anew: the
+    /// standalone manager and the cluster connection recover by themselves,
+    /// a sentinel-found connection stays pinned to a master that may be gone.
+    fn reconnects_itself(&self) -> bool {
+        !matches!(self, Backend::Sentinel { .. })
+    }
 }
 
 /// Redis-backed store, shared by every replica.
 pub struct RedisDedup {
-    client: redis::Client,
-    config: redis::aio::ConnectionManagerConfig,
+    backend: Backend,
     /// Key into each thread's connection cache.
     store: usize,
     policy: DedupPolicy,
@@ -190,16 +379,9 @@ pub struct RedisDedup {
 impl RedisDedup {
     /// Builds the client without connecting: the relay must start (and spool
     /// or skip dedup) while Redis is down.
-    pub fn new(url: &str, policy: DedupPolicy) -> Result<Self, DedupError> {
-        let client = redis::Client::open(url)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT))
-            .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(2));
+    pub fn new(settings: &RedisSettings, policy: DedupPolicy) -> Result<Self, DedupError> {
         Ok(Self {
-            client,
-            config,
+            backend: Backend::new(settings)?,
             store: NEXT_STORE.fetch_add(1, Ordering::Relaxed),
             policy,
             claim: redis::Script::new(CLAIM_SCRIPT),
@@ -208,23 +390,51 @@ impl RedisDedup {
         })
     }
 
-    /// This thread's connection, created (lazily, without I/O) on first use.
-    fn conn(&self) -> Result<ConnectionManager, DedupError> {
-        CONNECTIONS.with(|cache| {
-            let mut cache = cache.borrow_mut();
-            if let Some(conn) = cache.get(&self.store) {
-                return Ok(conn.clone());
-            }
-            let conn =
-                ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())?;
-            cache.insert(self.store, conn.clone());
-            Ok(conn)
-        })
+    /// Runs the redis crate's own checks of the mode's URLs (one TLS mode
+    /// and one password for all cluster seeds, say) without any I/O, so
+    /// configuration can refuse them up front.
+    pub fn check_urls(settings: &RedisSettings) -> redis::RedisResult<()> {
+        Backend::new(settings).map(|_| ())
     }
 
-    fn key(&self, id: &VerificationId) -> String {
-        format!("{}{}", self.policy.key_prefix, id.as_str())
+    /// This thread's connection, created on first use.
+    async fn conn(&self) -> Result<RedisConn, DedupError> {
+        if let Some(conn) = CONNECTIONS.with(|cache| cache.borrow().get(&self.store).cloned()) {
+            return Ok(conn);
+        }
+        let conn = self.backend.connect().await?;
+        CONNECTIONS.with(|cache| cache.borrow_mut().insert(self.store, conn.clone()));
+        Ok(conn)
     }
+
+    /// Drops this thread's connection after `e` if it cannot recover by
+    /// itself; returns whether a retry on a fresh connection makes sense.
+    ///
+    /// A timeout also drops a sentinel-found connection (its master may be
+    /// blackholed) but is not retried: the retry would wait as long again.
+    fn after_error(&self, e: &redis::RedisError) -> bool {
+        let broken = is_connection_error(e);
+        if (broken || e.is_timeout()) && !self.backend.reconnects_itself() {
+            CONNECTIONS.with(|cache| cache.borrow_mut().remove(&self.store));
+        }
+        broken
+    }
+
+    /// The Redis key of one verification. In cluster mode the id is a hash
+    /// tag, `prefix{id}`, so every key of one verification shares a slot
+    /// (SPEC 11); standalone and sentinel keep SPEC 3's `prefix + id`.
+    fn key(&self, id: &VerificationId) -> String {
+        match self.backend {
+            Backend::Cluster(_) => format!("{}{{{}}}", self.policy.key_prefix, id.as_str()),
+            Backend::Standalone { .. } | Backend::Sentinel { .. } => {
+                format!("{}{}", self.policy.key_prefix, id.as_str())
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------------------
+    // The dedup operations, the same for every kind of connection.
+    // ---------------------------------------------------------------------------
 
     /// Runs a script, retrying once when the connection was found broken:
     /// after a Redis restart the first command meets the dead socket, and
@@ -233,16 +443,19 @@ impl RedisDedup {
     /// The whole call, retry included, is bounded by [`REDIS_OP_MAX`]: the
     /// lease check of the configuration counts on that bound (SPEC 3).
     async fn invoke(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<i64, DedupError> {
-        let mut conn = self.conn()?;
         let call = async {
+            let mut conn = self.conn().await?;
             match invocation.invoke_async::<i64>(&mut conn).await {
                 Ok(v) => Ok(v),
-                Err(e)
-                    if e.is_io_error()
-                        || e.is_connection_dropped()
-                        || e.is_connection_refusal() =>
-                {
-                    Ok(invocation.invoke_async::<i64>(&mut conn).await?)
+                Err(e) if self.after_error(&e) => {
+                    let mut conn = self.conn().await?;
+                    match invocation.invoke_async::<i64>(&mut conn).await {
+                        Ok(v) => Ok(v),
+                        Err(e) => {
+                            self.after_error(&e);
+                            Err(e.into())
+                        }
+                    }
                 }
                 Err(e) => Err(e.into()),
             }
@@ -299,13 +512,17 @@ impl RedisDedup {
     }
 
     async fn ping(&self) -> bool {
-        let Ok(mut conn) = self.conn() else {
-            return false;
+        let call = async {
+            let mut conn = self.conn().await?;
+            match redis::cmd("PING").query_async::<String>(&mut conn).await {
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    self.after_error(&e);
+                    Err(DedupError::from(e))
+                }
+            }
         };
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .is_ok()
+        matches!(tokio::time::timeout(REDIS_OP_MAX, call).await, Ok(Ok(())))
     }
 }
 
