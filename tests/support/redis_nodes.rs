@@ -36,6 +36,9 @@ const START_ATTEMPTS: usize = 4;
 /// drawn below the ephemeral range (32768+) with the bus port below 55536.
 const PORT_RANGE: std::ops::Range<u16> = 20000..32000;
 
+/// Writes a server's configuration file from its port and directory.
+type ConfigFile<'a> = &'a dyn Fn(u16, &Path) -> String;
+
 /// One `redis-server` process.
 pub struct RedisNode {
     port: u16,
@@ -142,12 +145,7 @@ impl Group {
     /// Starts one server with `args` (its port, directory and log are
     /// added here) and waits for it to answer PING; `config` is written to
     /// a file given as the first argument (sentinels need one).
-    fn start(
-        &mut self,
-        name: &str,
-        config: Option<&dyn Fn(u16, &Path) -> String>,
-        args: &[String],
-    ) -> RedisNode {
+    fn start(&mut self, name: &str, config: Option<ConfigFile<'_>>, args: &[String]) -> RedisNode {
         for attempt in 1..=START_ATTEMPTS {
             let port = self.free_port();
             let dir = self.dir.join(format!("{name}-{port}"));
