@@ -45,6 +45,8 @@ pub struct RedisNode {
     child: Child,
     dir: PathBuf,
     killed: bool,
+    /// Set when the server listens for TLS only (its port is `tls-port`).
+    tls: Option<TestTls>,
 }
 
 impl RedisNode {
@@ -52,8 +54,14 @@ impl RedisNode {
         self.port
     }
 
+    /// `redis://` or, for a TLS server, `rediss://`.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn pid(&self) -> u32 {
@@ -75,10 +83,17 @@ impl RedisNode {
 
     /// A plain connection to this one server.
     pub fn connection(&self) -> redis::Connection {
-        redis::Client::open(self.url())
-            .unwrap()
-            .get_connection_with_timeout(Duration::from_secs(2))
+        self.try_connection(Duration::from_secs(2))
             .unwrap_or_else(|e| panic!("redis on {} answers: {e}", self.port))
+    }
+
+    /// A connection that trusts the test CA when the server speaks TLS.
+    fn try_connection(&self, timeout: Duration) -> redis::RedisResult<redis::Connection> {
+        let client = match &self.tls {
+            Some(tls) => redis::Client::build_with_tls(self.url(), tls.certificates())?,
+            None => redis::Client::open(self.url())?,
+        };
+        client.get_connection_with_timeout(timeout)
     }
 
     /// Runs one command on this server and returns its answer as text.
@@ -106,16 +121,119 @@ impl Drop for RedisNode {
     }
 }
 
+/// A test CA and a server certificate it signed for 127.0.0.1, made with
+/// `openssl` (a self-signed CA certificate cannot serve as the server's own:
+/// webpki refuses a CA certificate as an end entity).
+#[derive(Clone)]
+pub struct TestTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestTls {
+    fn make(dir: &Path) -> TestTls {
+        let tls = TestTls {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+        };
+        let ca_key = dir.join("ca.key");
+        let csr = dir.join("server.csr");
+        let ext = dir.join("server.ext");
+        std::fs::write(
+            &ext,
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+             extendedKeyUsage=serverAuth,clientAuth\n",
+        )
+        .unwrap();
+        let days = ["-days", "1"];
+        openssl(
+            Command::new("openssl")
+                .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes"])
+                .args(days)
+                .args(["-subj", "/CN=sendtalk-relay test CA", "-keyout"])
+                .arg(&ca_key)
+                .arg("-out")
+                .arg(&tls.ca),
+        );
+        openssl(
+            Command::new("openssl")
+                .args(["req", "-newkey", "rsa:2048", "-nodes"])
+                .args(["-subj", "/CN=127.0.0.1", "-keyout"])
+                .arg(&tls.key)
+                .arg("-out")
+                .arg(&csr),
+        );
+        openssl(
+            Command::new("openssl")
+                .args(["x509", "-req", "-in"])
+                .arg(&csr)
+                .arg("-CA")
+                .arg(&tls.ca)
+                .arg("-CAkey")
+                .arg(&ca_key)
+                .args(["-CAcreateserial"])
+                .args(days)
+                .arg("-extfile")
+                .arg(&ext)
+                .arg("-out")
+                .arg(&tls.cert),
+        );
+        tls
+    }
+
+    /// The CA as the redis crate takes it, for the test's own clients.
+    pub fn certificates(&self) -> redis::TlsCertificates {
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(std::fs::read(&self.ca).unwrap()),
+        }
+    }
+
+    /// The server's TLS arguments: TLS only, on `port`, for clients,
+    /// replication and the cluster bus alike.
+    fn server_args(&self, port: u16) -> Vec<String> {
+        let mut args: Vec<String> = ["--port", "0", "--tls-port"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.push(port.to_string());
+        for (flag, path) in [
+            ("--tls-cert-file", &self.cert),
+            ("--tls-key-file", &self.key),
+            ("--tls-ca-cert-file", &self.ca),
+        ] {
+            args.push(flag.to_string());
+            args.push(path.display().to_string());
+        }
+        for flag in ["--tls-auth-clients", "no", "--tls-replication", "yes"] {
+            args.push(flag.to_string());
+        }
+        args
+    }
+}
+
+fn openssl(cmd: &mut Command) {
+    let out = cmd.output().expect("openssl is installed");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A directory, a pid file and a reaper shared by a group of servers.
 struct Group {
     dir: PathBuf,
     pids: PathBuf,
     ports: HashSet<u16>,
+    tls: Option<TestTls>,
     _reaper: Reaper,
 }
 
 impl Group {
-    fn new(kind: &str) -> Group {
+    fn new(kind: &str, tls: bool) -> Group {
         require_tools();
         let id = uuid::Uuid::new_v4().simple().to_string();
         let dir = std::env::temp_dir().join(format!("st-redis-{kind}-{}", &id[..12]));
@@ -134,11 +252,13 @@ impl Group {
             pids = pids.display(),
             dir = dir.display(),
         );
+        let reaper = Reaper::spawn(&script);
         Group {
+            tls: tls.then(|| TestTls::make(&dir)),
             dir,
             pids,
             ports: HashSet::new(),
-            _reaper: Reaper::spawn(&script),
+            _reaper: reaper,
         }
     }
 
@@ -156,7 +276,11 @@ impl Group {
                 std::fs::write(&file, config(port, &dir)).unwrap();
                 cmd.arg(&file);
             }
-            cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            match &self.tls {
+                Some(tls) => cmd.args(tls.server_args(port)),
+                None => cmd.args(["--port", &port.to_string()]),
+            };
+            cmd.args(["--bind", "127.0.0.1"])
                 .arg("--dir")
                 .arg(&dir)
                 .arg("--logfile")
@@ -184,6 +308,7 @@ impl Group {
                 child,
                 dir,
                 killed: false,
+                tls: self.tls.clone(),
             };
             let deadline = Instant::now() + START_TIMEOUT;
             loop {
@@ -196,13 +321,9 @@ impl Group {
                     }
                     panic!("private redis {name} on {port} exited at start:\n{log}");
                 }
-                let up = redis::Client::open(node.url())
-                    .ok()
-                    .and_then(|c| {
-                        c.get_connection_with_timeout(Duration::from_millis(300))
-                            .ok()
-                    })
-                    .is_some_and(|mut c| redis::cmd("PING").query::<String>(&mut c).is_ok());
+                let up = node
+                    .try_connection(Duration::from_millis(300))
+                    .is_ok_and(|mut c| redis::cmd("PING").query::<String>(&mut c).is_ok());
                 if up {
                     return node;
                 }
@@ -242,7 +363,7 @@ impl Drop for Group {
 pub struct RedisCluster {
     // Field order: the nodes die before the group deletes their directory.
     pub nodes: Vec<RedisNode>,
-    _group: Group,
+    group: Group,
 }
 
 impl RedisCluster {
@@ -253,8 +374,14 @@ impl RedisCluster {
     /// `cluster-require-full-coverage no`: while one master fails over, the
     /// others keep serving their slots (the setting the README recommends).
     pub fn start() -> RedisCluster {
+        Self::start_with(false)
+    }
+
+    /// Like [`Self::start`]; with `tls`, every node speaks TLS only (clients,
+    /// replication and the cluster bus) with a certificate of a test CA.
+    pub fn start_with(tls: bool) -> RedisCluster {
         let started = Instant::now();
-        let mut group = Group::new("cluster");
+        let mut group = Group::new("cluster", tls);
         let mut nodes = Vec::new();
         for i in 0..6 {
             let args: Vec<String> = [
@@ -266,6 +393,8 @@ impl RedisCluster {
                 "nodes.conf",
                 "--cluster-require-full-coverage",
                 "no",
+                "--tls-cluster",
+                if tls { "yes" } else { "no" },
             ]
             .iter()
             .map(|s| s.to_string())
@@ -276,8 +405,13 @@ impl RedisCluster {
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        let out = Command::new("timeout")
-            .args(["60", "redis-cli", "--cluster", "create"])
+        let mut create = Command::new("timeout");
+        create.args(["60", "redis-cli"]);
+        if let Some(tls) = &group.tls {
+            create.arg("--tls").arg("--cacert").arg(&tls.ca);
+        }
+        let out = create
+            .args(["--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", "1", "--cluster-yes"])
             .stdin(Stdio::null())
@@ -291,7 +425,7 @@ impl RedisCluster {
         );
         let cluster = RedisCluster {
             nodes,
-            _group: group,
+            group: group,
         };
         cluster.wait_ready(CLUSTER_READY_TIMEOUT);
         eprintln!(
@@ -304,6 +438,11 @@ impl RedisCluster {
 
     pub fn ports(&self) -> Vec<u16> {
         self.nodes.iter().map(|n| n.port).collect()
+    }
+
+    /// The test CA and certificate, when the cluster speaks TLS.
+    pub fn tls(&self) -> Option<&TestTls> {
+        self.group.tls.as_ref()
     }
 
     /// Every node, comma-separated, for `SENDTALK_RELAY__REDIS__URLS`.
@@ -379,10 +518,11 @@ impl RedisCluster {
             .filter(|n| !n.killed)
             .map(RedisNode::url)
             .collect();
-        redis::cluster::ClusterClient::new(urls)
-            .unwrap()
-            .get_connection()
-            .unwrap()
+        let mut builder = redis::cluster::ClusterClient::builder(urls);
+        if let Some(tls) = self.tls() {
+            builder = builder.certs(tls.certificates());
+        }
+        builder.build().unwrap().get_connection().unwrap()
     }
 
     /// Waits until every live node reports `cluster_state:ok`, all 16384
@@ -425,7 +565,7 @@ pub struct RedisSentinels {
     pub replica: RedisNode,
     pub sentinels: Vec<RedisNode>,
     pub service: String,
-    _group: Group,
+    group: Group,
 }
 
 impl RedisSentinels {
@@ -434,8 +574,14 @@ impl RedisSentinels {
     /// failover timeout 3 s); returns once the replica is in sync and every
     /// sentinel knows the replica and the two other sentinels.
     pub fn start() -> RedisSentinels {
+        Self::start_with(false)
+    }
+
+    /// Like [`Self::start`]; with `tls`, every server and sentinel speaks
+    /// TLS only, and the sentinels reach the master and each other by TLS.
+    pub fn start_with(tls: bool) -> RedisSentinels {
         let started = Instant::now();
-        let mut group = Group::new("sentinel");
+        let mut group = Group::new("sentinel", tls);
         let service = format!("st-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
         let master = group.start("master", None, &[]);
         let replica = group.start(
@@ -471,7 +617,7 @@ impl RedisSentinels {
             replica,
             sentinels,
             service,
-            _group: group,
+            group: group,
         };
         let deadline = Instant::now() + SENTINEL_READY_TIMEOUT;
         loop {
@@ -504,6 +650,11 @@ impl RedisSentinels {
         me
     }
 
+    /// The test CA and certificate, when the servers speak TLS.
+    pub fn tls(&self) -> Option<&TestTls> {
+        self.group.tls.as_ref()
+    }
+
     /// The sentinels, comma-separated, for `SENDTALK_RELAY__REDIS__URLS`.
     pub fn urls(&self) -> String {
         self.sentinels
@@ -533,6 +684,25 @@ impl RedisSentinels {
             .query(&mut conn)
             .unwrap();
         port
+    }
+}
+
+/// One standalone server.
+pub struct RedisServer {
+    pub node: RedisNode,
+    group: Group,
+}
+
+impl RedisServer {
+    /// Starts one server; with `tls`, it speaks TLS only.
+    pub fn start(tls: bool) -> RedisServer {
+        let mut group = Group::new("single", tls);
+        let node = group.start("single", None, &[]);
+        RedisServer { node, group }
+    }
+
+    pub fn tls(&self) -> Option<&TestTls> {
+        self.group.tls.as_ref()
     }
 }
 
