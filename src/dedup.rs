@@ -303,12 +303,7 @@ impl Backend {
                 let mut node = redis::sentinel::SentinelNodeConnectionInfo::default()
                     .set_redis_connection_info(master);
                 if first.starts_with("rediss://") {
-                    let insecure = first.ends_with("#insecure");
-                    node = node.set_tls_mode(if insecure {
-                        redis::TlsMode::Insecure
-                    } else {
-                        redis::TlsMode::Secure
-                    });
+                    node = node.set_tls_mode(redis::TlsMode::Secure);
                 }
                 // The sentinels themselves never have a database: the
                 // number only applies to the master.
