@@ -423,10 +423,7 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let cluster = RedisCluster {
-            nodes,
-            group: group,
-        };
+        let cluster = RedisCluster { nodes, group };
         cluster.wait_ready(CLUSTER_READY_TIMEOUT);
         eprintln!(
             "private Redis Cluster on ports {:?} ready in {:?}",
@@ -617,7 +614,7 @@ impl RedisSentinels {
             replica,
             sentinels,
             service,
-            group: group,
+            group,
         };
         let deadline = Instant::now() + SENTINEL_READY_TIMEOUT;
         loop {
