@@ -5,6 +5,11 @@
 //!
 //! Committing before the event is safe would lose events whenever publishing
 //! fails, so the lease is the only thing written up front.
+//!
+//! Redis is reached per `redis.mode` (SPEC 11): one server, a Redis Cluster
+//! (keys hash-tagged by id) or a master found through Sentinel; the
+//! connection kinds sit behind one `ConnectionLike` enum, so the scripts are
+//! the same in every mode.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
