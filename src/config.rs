@@ -527,7 +527,7 @@ impl RedisSettings {
                 }
                 // The crate's own checks (one TLS mode, one password for all
                 // seed nodes), run here so they exit 64 naming the key.
-                crate::dedup::RedisDedup::check_urls(self)
+                crate::redis_conn::RedisConnections::check(self)
                     .map_err(|e| ConfigError::new("redis.urls", e.to_string()))?;
             }
         }

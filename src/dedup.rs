@@ -6,21 +6,18 @@
 //! Committing before the event is safe would lose events whenever publishing
 //! fails, so the lease is the only thing written up front.
 //!
-//! Redis is reached per `redis.mode` (SPEC 11): one server, a Redis Cluster
-//! (keys hash-tagged by id) or a master found through Sentinel; the
-//! connection kinds sit behind one `ConnectionLike` enum, so the scripts are
-//! the same in every mode.
+//! Redis is reached per `redis.mode` (SPEC 11) through
+//! [`crate::redis_conn`]: one server, a Redis Cluster (keys hash-tagged by
+//! id here) or a master found through Sentinel; the scripts are the same in
+//! every mode.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
-
-use crate::config::{RedisMode, RedisSettings};
+use crate::config::RedisSettings;
 use crate::payload::{Status, VerificationId, VerifiedTime};
+use crate::redis_conn::RedisConnections;
 
 /// How long one Redis command may take before the store counts as down: a
 /// webhook must not wait on a blackholed Redis longer than this.
@@ -169,207 +166,10 @@ impl Dedup {
     }
 }
 
-// ---------------------------------------------------------------------------
-// Connections: one kind per `redis.mode` (SPEC 11), all behind `RedisConn`,
-// which implements `ConnectionLike`, so the scripts below are shared. Routing
-// (cluster MOVED/ASK, sentinel master discovery) is the redis crate's own.
-// ---------------------------------------------------------------------------
-
-/// Tells the per-thread connection caches of different stores apart (tests
-/// run several relays in one process).
-static NEXT_STORE: AtomicUsize = AtomicUsize::new(0);
-
-thread_local! {
-    /// One multiplexed connection per store and thread. A connection's
-    /// driver task runs on the runtime that first used it; keeping it on the
-    /// handler's own thread saves two thread hops per Redis call (measured:
-    /// CPU per request -25 %, context switches -52 %).
-    static CONNECTIONS: RefCell<HashMap<usize, RedisConn>> = RefCell::new(HashMap::new());
-}
-
-/// Cluster client retries (MOVED/ASK redirections do not count): enough to
-/// ride over a slot-map refresh, few enough to stay inside [`REDIS_OP_MAX`].
-const CLUSTER_RETRIES: u32 = 3;
-/// Bounds of the cluster client's back-off between retries, in ms: a
-/// failover takes about a second (`cluster-node-timeout` plus an election).
-const CLUSTER_RETRY_WAIT_MS: (u64, u64) = (50, 500);
-
-/// Where the store's connections come from; built without I/O.
-enum Backend {
-    /// One server; `ConnectionManager` reconnects by itself.
-    Standalone {
-        client: redis::Client,
-        config: redis::aio::ConnectionManagerConfig,
-    },
-    /// Redis Cluster: the client follows MOVED/ASK and refreshes its slot map.
-    Cluster(redis::cluster::ClusterClient),
-    /// A master found through the sentinels, asked again after a failure.
-    Sentinel {
-        /// Shared by every thread; locked only while (re)connecting.
-        client: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
-        config: redis::AsyncConnectionConfig,
-    },
-}
-
-/// One connection of whichever kind the mode uses.
-#[derive(Clone)]
-enum RedisConn {
-    Standalone(ConnectionManager),
-    Cluster(redis::cluster_async::ClusterConnection),
-    Sentinel(redis::aio::MultiplexedConnection),
-}
-
-impl redis::aio::ConnectionLike for RedisConn {
-    fn req_packed_command<'a>(
-        &'a mut self,
-        cmd: &'a redis::Cmd,
-    ) -> redis::RedisFuture<'a, redis::Value> {
-        match self {
-            RedisConn::Standalone(c) => c.req_packed_command(cmd),
-            RedisConn::Cluster(c) => c.req_packed_command(cmd),
-            RedisConn::Sentinel(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
-        match self {
-            RedisConn::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
-            RedisConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-            RedisConn::Sentinel(c) => c.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            RedisConn::Standalone(c) => c.get_db(),
-            RedisConn::Cluster(c) => c.get_db(),
-            RedisConn::Sentinel(c) => c.get_db(),
-        }
-    }
-}
-
-/// Whether an error means the connection (or, after a failover, the node
-/// behind it) is unusable, so the next attempt should start afresh.
-fn is_connection_error(e: &redis::RedisError) -> bool {
-    e.is_io_error()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
-        // A demoted master answers writes with READONLY (inside a script
-        // too): the sentinels know the new one.
-        || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
-        || e.to_string().contains("READONLY")
-}
-
-impl Backend {
-    /// Builds the mode's client from the settings, without any I/O.
-    fn new(settings: &RedisSettings) -> redis::RedisResult<Backend> {
-        Ok(match settings.mode {
-            RedisMode::Standalone => Backend::Standalone {
-                client: redis::Client::open(settings.url.as_str())?,
-                config: redis::aio::ConnectionManagerConfig::new()
-                    .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT))
-                    .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
-                    .set_number_of_retries(1)
-                    .set_max_delay(Duration::from_secs(2)),
-            },
-            RedisMode::Cluster => Backend::Cluster(
-                redis::cluster::ClusterClient::builder(settings.urls.iter().map(String::as_str))
-                    .connection_timeout(REDIS_CONNECT_TIMEOUT)
-                    .response_timeout(REDIS_RESPONSE_TIMEOUT)
-                    .retries(CLUSTER_RETRIES)
-                    .min_retry_wait(CLUSTER_RETRY_WAIT_MS.0)
-                    .max_retry_wait(CLUSTER_RETRY_WAIT_MS.1)
-                    .build()?,
-            ),
-            RedisMode::Sentinel => {
-                // The master is reached the way the sentinels are: with TLS
-                // when they are `rediss://`, with the first URL's username,
-                // password and database.
-                let first = settings.urls.first().ok_or_else(|| {
-                    redis::RedisError::from((
-                        redis::ErrorKind::InvalidClientConfig,
-                        "redis.urls lists no sentinel",
-                    ))
-                })?;
-                let info = redis::IntoConnectionInfo::into_connection_info(first.as_str())?;
-                let creds = info.redis_settings();
-                let mut master = redis::RedisConnectionInfo::default().set_db(creds.db());
-                if let Some(user) = creds.username() {
-                    master = master.set_username(user);
-                }
-                if let Some(password) = creds.password() {
-                    master = master.set_password(password);
-                }
-                let mut node = redis::sentinel::SentinelNodeConnectionInfo::default()
-                    .set_redis_connection_info(master);
-                if first.starts_with("rediss://") {
-                    node = node.set_tls_mode(redis::TlsMode::Secure);
-                }
-                // The sentinels themselves never have a database: the
-                // number only applies to the master.
-                let sentinels = settings
-                    .urls
-                    .iter()
-                    .map(|u| {
-                        redis::IntoConnectionInfo::into_connection_info(u.as_str()).map(|i| {
-                            let s = i.redis_settings().clone().set_db(0);
-                            i.set_redis_settings(s)
-                        })
-                    })
-                    .collect::<redis::RedisResult<Vec<_>>>()?;
-                let client = redis::sentinel::SentinelClient::build(
-                    sentinels,
-                    settings.sentinel_service.as_str(),
-                    Some(node),
-                    redis::sentinel::SentinelServerType::Master,
-                )?;
-                Backend::Sentinel {
-                    client: tokio::sync::Mutex::new(client),
-                    config: redis::AsyncConnectionConfig::new()
-                        .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT))
-                        .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT)),
-                }
-            }
-        })
-    }
-
-    /// A new connection. Standalone: lazy, no I/O. Cluster: connects to the
-    /// seeds and reads the slot map. Sentinel: asks the sentinels for the
-    /// master (checking its role) and connects to it.
-    async fn connect(&self) -> redis::RedisResult<RedisConn> {
-        Ok(match self {
-            Backend::Standalone { client, config } => RedisConn::Standalone(
-                ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?,
-            ),
-            Backend::Cluster(client) => RedisConn::Cluster(client.get_async_connection().await?),
-            Backend::Sentinel { client, config } => RedisConn::Sentinel(
-                client
-                    .lock()
-                    .await
-                    .get_async_connection_with_config(config)
-                    .await?,
-            ),
-        })
-    }
-
-    /// Whether a broken connection should be dropped and made anew: the
-    /// standalone manager and the cluster connection recover by themselves,
-    /// a sentinel-found connection stays pinned to a master that may be gone.
-    fn reconnects_itself(&self) -> bool {
-        !matches!(self, Backend::Sentinel { .. })
-    }
-}
-
 /// Redis-backed store, shared by every replica.
 pub struct RedisDedup {
-    backend: Backend,
-    /// Key into each thread's connection cache.
-    store: usize,
+    /// Connections in the configured `redis.mode`; owned by this store.
+    redis: RedisConnections,
     policy: DedupPolicy,
     claim: redis::Script,
     commit: redis::Script,
@@ -381,8 +181,7 @@ impl RedisDedup {
     /// or skip dedup) while Redis is down.
     pub fn new(settings: &RedisSettings, policy: DedupPolicy) -> Result<Self, DedupError> {
         Ok(Self {
-            backend: Backend::new(settings)?,
-            store: NEXT_STORE.fetch_add(1, Ordering::Relaxed),
+            redis: RedisConnections::new(settings)?,
             policy,
             claim: redis::Script::new(CLAIM_SCRIPT),
             commit: redis::Script::new(COMMIT_SCRIPT),
@@ -390,51 +189,16 @@ impl RedisDedup {
         })
     }
 
-    /// Runs the redis crate's own checks of the mode's URLs (one TLS mode
-    /// and one password for all cluster seeds, say) without any I/O, so
-    /// configuration can refuse them up front.
-    pub fn check_urls(settings: &RedisSettings) -> redis::RedisResult<()> {
-        Backend::new(settings).map(|_| ())
-    }
-
-    /// This thread's connection, created on first use.
-    async fn conn(&self) -> Result<RedisConn, DedupError> {
-        if let Some(conn) = CONNECTIONS.with(|cache| cache.borrow().get(&self.store).cloned()) {
-            return Ok(conn);
-        }
-        let conn = self.backend.connect().await?;
-        CONNECTIONS.with(|cache| cache.borrow_mut().insert(self.store, conn.clone()));
-        Ok(conn)
-    }
-
-    /// Drops this thread's connection after `e` if it cannot recover by
-    /// itself; returns whether a retry on a fresh connection makes sense.
-    ///
-    /// A timeout also drops a sentinel-found connection (its master may be
-    /// blackholed) but is not retried: the retry would wait as long again.
-    fn after_error(&self, e: &redis::RedisError) -> bool {
-        let broken = is_connection_error(e);
-        if (broken || e.is_timeout()) && !self.backend.reconnects_itself() {
-            CONNECTIONS.with(|cache| cache.borrow_mut().remove(&self.store));
-        }
-        broken
-    }
-
     /// The Redis key of one verification. In cluster mode the id is a hash
     /// tag, `prefix{id}`, so every key of one verification shares a slot
     /// (SPEC 11); standalone and sentinel keep SPEC 3's `prefix + id`.
     fn key(&self, id: &VerificationId) -> String {
-        match self.backend {
-            Backend::Cluster(_) => format!("{}{{{}}}", self.policy.key_prefix, id.as_str()),
-            Backend::Standalone { .. } | Backend::Sentinel { .. } => {
-                format!("{}{}", self.policy.key_prefix, id.as_str())
-            }
+        if self.redis.is_cluster() {
+            format!("{}{{{}}}", self.policy.key_prefix, id.as_str())
+        } else {
+            format!("{}{}", self.policy.key_prefix, id.as_str())
         }
     }
-
-    // ---------------------------------------------------------------------------
-    // The dedup operations, the same for every kind of connection.
-    // ---------------------------------------------------------------------------
 
     /// Runs a script, retrying once when the connection was found broken:
     /// after a Redis restart the first command meets the dead socket, and
@@ -443,23 +207,7 @@ impl RedisDedup {
     /// The whole call, retry included, is bounded by [`REDIS_OP_MAX`]: the
     /// lease check of the configuration counts on that bound (SPEC 3).
     async fn invoke(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<i64, DedupError> {
-        let call = async {
-            let mut conn = self.conn().await?;
-            match invocation.invoke_async::<i64>(&mut conn).await {
-                Ok(v) => Ok(v),
-                Err(e) if self.after_error(&e) => {
-                    let mut conn = self.conn().await?;
-                    match invocation.invoke_async::<i64>(&mut conn).await {
-                        Ok(v) => Ok(v),
-                        Err(e) => {
-                            self.after_error(&e);
-                            Err(e.into())
-                        }
-                    }
-                }
-                Err(e) => Err(e.into()),
-            }
-        };
+        let call = async { Ok(self.redis.invoke::<i64>(invocation).await?) };
         tokio::time::timeout(REDIS_OP_MAX, call)
             .await
             .unwrap_or_else(|_| {
@@ -512,17 +260,9 @@ impl RedisDedup {
     }
 
     async fn ping(&self) -> bool {
-        let call = async {
-            let mut conn = self.conn().await?;
-            match redis::cmd("PING").query_async::<String>(&mut conn).await {
-                Ok(_) => Ok(()),
-                Err(e) => {
-                    self.after_error(&e);
-                    Err(DedupError::from(e))
-                }
-            }
-        };
-        matches!(tokio::time::timeout(REDIS_OP_MAX, call).await, Ok(Ok(())))
+        let ping = redis::cmd("PING");
+        let call = self.redis.query::<String>(&ping);
+        matches!(tokio::time::timeout(REDIS_OP_MAX, call).await, Ok(Ok(_)))
     }
 }
 
