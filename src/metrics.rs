@@ -2,8 +2,8 @@
 //! so that several instances in one test process do not share counters.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Metric name prefix, fixed by the spec.
@@ -13,6 +13,13 @@ const NAMESPACE: &str = "sendtalk_relay";
 /// confirm timeout up to `amqp.confirm_timeout_ms`.
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Stage buckets start at 100 µs: a claim or a commit is one Redis round
+/// trip of a few hundred µs, which the request buckets cannot tell apart.
+const STAGE_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
 ];
 
 /// How one webhook ended; the `outcome` label of `webhooks_total`.
@@ -51,6 +58,49 @@ impl Outcome {
     }
 }
 
+/// One step of the webhook pipeline; the `stage` label of
+/// `stage_duration_seconds`. Each is observed in exactly one place of
+/// `routes/webhook.rs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// The dedup claim (one Redis round trip, or the memory store).
+    Claim,
+    /// The publish up to its confirm (or failure), as the pipeline waits on it.
+    Publish,
+    /// The spool append after a failed publish, fsync included.
+    Spool,
+    /// The dedup commit after the event was made durable.
+    Commit,
+    /// The whole pipeline after the body was read, up to the answer.
+    Total,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 5] = [
+        Stage::Claim,
+        Stage::Publish,
+        Stage::Spool,
+        Stage::Commit,
+        Stage::Total,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Claim => "claim",
+            Stage::Publish => "publish",
+            Stage::Spool => "spool",
+            Stage::Commit => "commit",
+            Stage::Total => "total",
+        }
+    }
+}
+
+/// The children of `stage_duration_seconds`, resolved once and indexed by
+/// `Stage as usize` (the order of [`Stage::ALL`]): the hot path observes
+/// without a label look-up.
+#[derive(Clone)]
+struct StageHistograms([Histogram; 5]);
+
 /// The relay's metrics; cloned handles share the same series.
 #[derive(Clone)]
 pub struct Metrics {
@@ -67,6 +117,8 @@ pub struct Metrics {
     pub unroutable: IntCounter,
     pub spool_errors: IntCounter,
     pub rate_limited: IntCounter,
+    stage_duration: HistogramVec,
+    stages: StageHistograms,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -103,6 +155,19 @@ impl Metrics {
             "Time from publishing to the broker's confirm (or failure).",
         ))
         .expect("static metric definition is valid");
+        let stage_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "stage_duration_seconds",
+                "Time one webhook spends in each pipeline stage (claim, publish, spool, commit, total).",
+            )
+            .namespace(NAMESPACE)
+            .buckets(STAGE_BUCKETS.to_vec()),
+            &["stage"],
+        )
+        .expect("static metric definition is valid");
+        let stages = StageHistograms(
+            Stage::ALL.map(|stage| stage_duration.with_label_values(&[stage.as_str()])),
+        );
         let gauge = |name: &str, help: &str| {
             IntGauge::with_opts(opts(name, help)).expect("static metric definition is valid")
         };
@@ -155,6 +220,8 @@ impl Metrics {
                 "rate_limited_total",
                 "Requests refused with 429 by the per-client rate limit (not in webhooks_total).",
             ),
+            stage_duration,
+            stages,
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -170,6 +237,7 @@ impl Metrics {
             Box::new(metrics.unroutable.clone()),
             Box::new(metrics.spool_errors.clone()),
             Box::new(metrics.rate_limited.clone()),
+            Box::new(metrics.stage_duration.clone()),
             Box::new(build_info),
         ];
         for c in collectors {
@@ -197,6 +265,11 @@ impl Metrics {
             bytes: self.spool_bytes.clone(),
             errors: self.spool_errors.clone(),
         }
+    }
+
+    /// Records `elapsed` for one webhook in `stage`.
+    pub fn stage(&self, stage: Stage, elapsed: std::time::Duration) {
+        self.stages.0[stage as usize].observe(elapsed.as_secs_f64());
     }
 
     pub fn webhook(&self, outcome: Outcome) {
@@ -245,6 +318,11 @@ mod tests {
             "sendtalk_relay_unroutable_total",
             "sendtalk_relay_spool_errors_total",
             "sendtalk_relay_build_info{version=",
+            "sendtalk_relay_stage_duration_seconds_bucket{stage=\"claim\"",
+            "sendtalk_relay_stage_duration_seconds_bucket{stage=\"publish\"",
+            "sendtalk_relay_stage_duration_seconds_bucket{stage=\"spool\"",
+            "sendtalk_relay_stage_duration_seconds_bucket{stage=\"commit\"",
+            "sendtalk_relay_stage_duration_seconds_bucket{stage=\"total\"",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

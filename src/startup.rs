@@ -7,9 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix_web::dev::Service as _;
 use actix_web::dev::{Server, ServerHandle};
-use actix_web::http::ConnectionType;
 use actix_web::{web, App, HttpServer};
 use anyhow::Context as _;
 use tokio::task::JoinHandle;
@@ -18,7 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Verifier;
 use crate::config::{DedupBackend, Settings, SinkKind};
-use crate::dedup::{Dedup, DedupPolicy, MemoryDedup, RedisDedup};
+use crate::dedup::{Dedup, DedupPolicy, MemoryDedup, PendingCommits, RedisDedup};
 use crate::metrics::Metrics;
 use crate::payload::PayloadRules;
 use crate::publish::{AmqpPublisher, Sink, StdoutSink};
@@ -152,6 +150,7 @@ impl Application {
                 max_event_age: settings.webhook.max_event_age(),
             },
             dedup,
+            commits: PendingCommits::default(),
             on_unavailable: settings.dedup.on_unavailable,
             sink: sink.clone(),
             spool: spool.clone(),
@@ -197,28 +196,10 @@ impl Application {
             .context("Failed to read the admin address")?;
 
         let path = settings.http.webhook_path.clone();
-        let closing = accepting.clone();
         let tls = settings.http.tls_config()?;
         let webhook_server = HttpServer::new(move || {
-            let closing = closing.clone();
             App::new()
                 .app_data(relay.clone())
-                // Once shutdown starts, keep-alive connections are told to
-                // close, so senders reconnect to another replica (SPEC 6).
-                .wrap_fn(move |req, srv| {
-                    let closing = closing.clone();
-                    let response = srv.call(req);
-                    async move {
-                        let mut response = response.await?;
-                        if !closing.load(Ordering::Acquire) {
-                            response
-                                .response_mut()
-                                .head_mut()
-                                .set_connection_type(ConnectionType::Close);
-                        }
-                        Ok(response)
-                    }
-                })
                 .service(
                     web::resource(path.as_str())
                         .route(web::post().to(webhook::receive))

@@ -45,11 +45,7 @@ impl Relay {
             .env("SENDTALK_RELAY__AMQP__URI", amqp_uri)
             .env("SENDTALK_RELAY__LOG__FORMAT", "json")
             .stdout(Stdio::null())
-            .stderr(if std::env::var("TEST_LOG").is_ok() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
+            .stderr(child_stderr())
             .spawn()
             .unwrap();
         Relay {

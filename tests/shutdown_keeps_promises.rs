@@ -1,6 +1,7 @@
 //! SIGTERM while webhooks are in flight (SPEC 6): work in progress is
 //! tracked and awaited, never dropped with the HTTP workers, and keep-alive
-//! connections are told to close.
+//! connections are told to close (actix-web's graceful stop does that; this
+//! test holds it to it).
 
 mod support;
 

@@ -296,7 +296,12 @@ impl AmqpPublisher {
             tokio::select! {
                 () = tokio::time::sleep(HEALTH_POLL) => {}
                 () = self.inner.wake.notified() => {}
-                _ = blocked.changed() => {}
+                changed = blocked.changed() => {
+                    // The events task ended with the connection: poll instead.
+                    if changed.is_err() {
+                        tokio::time::sleep(HEALTH_POLL).await;
+                    }
+                }
                 () = shutdown.cancelled() => return,
             }
             if !link.is_open() {
@@ -388,19 +393,11 @@ fn properties(envelope: &Envelope) -> BasicProperties {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::DedupMark;
+    use crate::message::tests::envelope;
 
     #[test]
     fn properties_carry_every_field_of_the_contract() {
-        let envelope = Envelope {
-            body: Bytes::from_static(b"{\"id\":\"x\"}"),
-            message_id: "x".into(),
-            status: "verified".into(),
-            request_id: "r".into(),
-            received_at_ms: 1_692_847_205_385,
-            dedup: DedupMark::Checked,
-        };
-        let p = properties(&envelope);
+        let p = properties(&envelope());
         assert_eq!(
             p.content_type().as_ref().unwrap().as_str(),
             "application/json"

@@ -47,6 +47,15 @@ pub fn init_logs() {
     }
 }
 
+/// Standard error of a child process the test starts: shown with `TEST_LOG`.
+pub fn child_stderr() -> std::process::Stdio {
+    if std::env::var("TEST_LOG").is_ok() {
+        std::process::Stdio::inherit()
+    } else {
+        std::process::Stdio::null()
+    }
+}
+
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
