@@ -12,7 +12,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::failover::{
-    accepted_ids, answer_counts, ids_first_sent_after, pair_load, time_to_dedup_again, Delivered,
+    accepted_ids, answer_counts, ids_first_sent_after, pair_load, post_settled,
+    time_to_dedup_again, Delivered,
 };
 use support::redis_nodes::RedisSentinels;
 use support::*;
@@ -44,8 +45,14 @@ async fn the_relay_follows_the_promoted_replica_and_loses_nothing() {
     // Before the failover: dedup works through the sentinels, on the
     // master they name, with SPEC 3's key `prefix + id`.
     let id = unique("before");
-    assert_eq!(apps[0].post(&event_body(&id)).await.result(), "published");
-    assert_eq!(apps[1].post(&event_body(&id)).await.result(), "duplicate");
+    assert_eq!(
+        post_settled(&apps[0], &event_body(&id)).await.result(),
+        "published"
+    );
+    assert_eq!(
+        post_settled(&apps[1], &event_body(&id)).await.result(),
+        "duplicate"
+    );
     let record: Option<String> = redis::cmd("GET")
         .arg(format!("{prefix}{id}"))
         .query(&mut redis.master.connection())
@@ -79,9 +86,18 @@ async fn the_relay_follows_the_promoted_replica_and_loses_nothing() {
     // After the failover: a duplicate is answered `duplicate` by both
     // relays, and the record is on the new master.
     let id = unique("after");
-    assert_eq!(apps[0].post(&event_body(&id)).await.result(), "published");
-    assert_eq!(apps[1].post(&event_body(&id)).await.result(), "duplicate");
-    assert_eq!(apps[0].post(&event_body(&id)).await.result(), "duplicate");
+    assert_eq!(
+        post_settled(&apps[0], &event_body(&id)).await.result(),
+        "published"
+    );
+    assert_eq!(
+        post_settled(&apps[1], &event_body(&id)).await.result(),
+        "duplicate"
+    );
+    assert_eq!(
+        post_settled(&apps[0], &event_body(&id)).await.result(),
+        "duplicate"
+    );
     let record: Option<String> = redis::cmd("GET")
         .arg(format!("{prefix}{id}"))
         .query(&mut redis.replica.connection())

@@ -8,7 +8,9 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use super::{event_body, header, message_ids, try_post_signed, unique, TestConsumer};
+use super::{
+    event_body, header, message_ids, try_post_signed, unique, Answer, TestApp, TestConsumer,
+};
 
 /// One webhook request and its answer.
 #[derive(Debug, Clone)]
@@ -211,4 +213,18 @@ pub fn answer_counts(sent: &[Sent]) -> Vec<(String, usize)> {
     let mut v: Vec<_> = counts.into_iter().collect();
     v.sort();
     v
+}
+
+/// Posts `body` to `app`, again while the answer is 409 (the dedup commit
+/// runs after the answer, so another replica may still meet the lease for a
+/// moment), as a sender's retry would.
+pub async fn post_settled(app: &TestApp, body: &str) -> Answer {
+    for _ in 0..100 {
+        let a = app.post(body).await;
+        if a.status != 409 {
+            return a;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("still in flight after 2 s");
 }
