@@ -132,7 +132,7 @@ impl Application {
         let dedup = match settings.dedup.backend {
             DedupBackend::Memory => Dedup::Memory(MemoryDedup::new(policy)),
             DedupBackend::Redis => Dedup::Redis(Box::new(
-                RedisDedup::new(&settings.redis.url, policy)
+                RedisDedup::new(&settings.redis, policy)
                     .context("Failed to create the Redis client")?,
             )),
         };
