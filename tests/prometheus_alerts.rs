@@ -6,6 +6,8 @@
 //! (through `scripts/check-deploy`) when missing. Without it this test fails
 //! loudly.
 
+#![allow(clippy::unwrap_used)] // test helpers panic on purpose
+
 mod support;
 
 use std::path::PathBuf;
