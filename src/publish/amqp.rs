@@ -371,10 +371,23 @@ fn properties(envelope: &Envelope) -> BasicProperties {
         "x-received-at".into(),
         AMQPValue::LongString(LongString::from(envelope.received_at_rfc3339())),
     );
+    if let Some(dedup) = envelope.dedup.header() {
+        headers.insert(
+            "x-dedup".into(),
+            AMQPValue::LongString(LongString::from(dedup)),
+        );
+    }
+    // Lifecycle headers (SPEC 9.3).
     headers.insert(
-        "x-dedup".into(),
-        AMQPValue::LongString(LongString::from(envelope.dedup.as_str())),
+        "x-verification-id".into(),
+        AMQPValue::LongString(LongString::from(envelope.verification_id())),
     );
+    if let Some(matched) = envelope.phone_match {
+        headers.insert(
+            "x-phone-match".into(),
+            AMQPValue::LongString(LongString::from(if matched { "true" } else { "false" })),
+        );
+    }
     BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
@@ -399,6 +412,8 @@ mod tests {
             request_id: "r".into(),
             received_at_ms: 1_692_847_205_385,
             dedup: DedupMark::Checked,
+            verification_id: None,
+            phone_match: None,
         };
         let p = properties(&envelope);
         assert_eq!(
