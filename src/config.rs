@@ -668,7 +668,8 @@ impl Settings {
         settings.embedded = embedded;
         settings.validate()?;
         settings.resolve_secrets()?;
-        crate::api::settings::check(&mut settings.api, &mut settings.sendtalk)?;
+        let taken = [settings.http.listen, settings.admin.listen];
+        crate::api::settings::check(&mut settings.api, &mut settings.sendtalk, &taken)?;
         Ok(settings)
     }
 

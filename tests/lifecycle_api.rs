@@ -511,13 +511,10 @@ async fn an_idempotency_key_replays_refuses_another_body_and_reports_a_running_r
         "{ \"expiryMinutes\": 5, \"languageCode\": \"en\", \"userPhone\": \"6281212345678\" }";
 
     let with_key = [("idempotency-key", key.as_str())];
-    let (first, concurrent) = tokio::join!(
-        create_with(&app, &body, &with_key),
-        async {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            create_with(&app, &body, &with_key).await
-        }
-    );
+    let (first, concurrent) = tokio::join!(create_with(&app, &body, &with_key), async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        create_with(&app, &body, &with_key).await
+    });
     assert_eq!(first.status, 201, "{:?}", first.json);
     assert_eq!((concurrent.status, concurrent.code()), (409, "in_flight"));
     assert!(concurrent.headers.contains_key("retry-after"));

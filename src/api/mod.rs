@@ -103,17 +103,14 @@ impl Lifecycle {
     /// through the API, or when the store cannot tell right now (the
     /// webhook is relayed regardless; the header is then left out).
     pub async fn phone_match(&self, id: &str, user_phone: &str) -> Option<bool> {
-        let record = match self.store.get(id).await {
-            Ok(record) => record?,
+        let created_for = match self.store.created_phone(id).await {
+            Ok(phone) => phone?,
             Err(e) => {
                 tracing::warn!(verification_id = id, error = %e, "could not read the verification record; x-phone-match left out");
                 return None;
             }
         };
-        if !record.created_here() {
-            return None;
-        }
-        let created_for = record.user_phone.as_deref().unwrap_or("");
+        let created_for = created_for.as_str();
         let matched = created_for == user_phone;
         if !matched {
             self.metrics.phone_mismatch.inc();

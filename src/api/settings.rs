@@ -98,8 +98,19 @@ impl SendTalkSettings {
 
 /// Validates both sections and resolves their secrets. Values are checked
 /// even with the API off, so that turning it on later is not the moment a
-/// typo is found; secrets are only required when it is on.
-pub fn check(api: &mut ApiSettings, sendtalk: &mut SendTalkSettings) -> Result<(), ConfigError> {
+/// typo is found; secrets are only required when it is on. `taken` are the
+/// other listeners' addresses (`http.listen`, `admin.listen`).
+pub fn check(
+    api: &mut ApiSettings,
+    sendtalk: &mut SendTalkSettings,
+    taken: &[SocketAddr],
+) -> Result<(), ConfigError> {
+    if api.enabled && api.listen.port() != 0 && taken.contains(&api.listen) {
+        return Err(ConfigError::new(
+            "api.listen",
+            "must differ from http.listen and admin.listen (the API is for internal callers only)",
+        ));
+    }
     if api.expiry_check_secs == 0 {
         return Err(ConfigError::new(
             "api.expiry_check_secs",
@@ -206,19 +217,73 @@ mod tests {
     #[test]
     fn defaults_pass_with_the_api_off() {
         let (mut a, mut s) = both();
-        check(&mut a, &mut s).unwrap();
+        check(&mut a, &mut s, &[]).unwrap();
     }
 
     #[test]
     fn enabling_the_api_needs_a_token_then_an_api_key() {
         let (mut a, mut s) = both();
         a.enabled = true;
-        assert_eq!(check(&mut a, &mut s).unwrap_err().key, "api.tokens");
+        assert_eq!(check(&mut a, &mut s, &[]).unwrap_err().key, "api.tokens");
         a.tokens = vec!["t".into()];
-        assert_eq!(check(&mut a, &mut s).unwrap_err().key, "sendtalk.api_key");
+        assert_eq!(
+            check(&mut a, &mut s, &[]).unwrap_err().key,
+            "sendtalk.api_key"
+        );
         s.api_key = "k".into();
-        check(&mut a, &mut s).unwrap();
+        check(&mut a, &mut s, &[]).unwrap();
         assert_eq!(a.resolved_tokens.len(), 1);
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_embedded_default_keeps_the_api_off_and_loads() {
+        let s = crate::config::Settings::load(None, env(&[])).unwrap();
+        assert!(!s.api.enabled);
+    }
+
+    #[test]
+    fn loading_names_the_missing_secret_and_a_clashing_listener() {
+        let err =
+            crate::config::Settings::load(None, env(&[("SENDTALK_RELAY__API__ENABLED", "true")]))
+                .unwrap_err();
+        assert_eq!(err.key, "api.tokens");
+        let err = crate::config::Settings::load(
+            None,
+            env(&[
+                ("SENDTALK_RELAY__API__ENABLED", "true"),
+                ("SENDTALK_RELAY__API__TOKENS", "a,b"),
+                ("SENDTALK_RELAY__SENDTALK__API_KEY", "k"),
+                ("SENDTALK_RELAY__API__LISTEN", "127.0.0.1:8080"),
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "api.listen");
+    }
+
+    #[test]
+    fn check_config_output_hides_tokens_and_the_api_key() {
+        let s = crate::config::Settings::load(
+            None,
+            env(&[
+                ("SENDTALK_RELAY__API__ENABLED", "true"),
+                ("SENDTALK_RELAY__API__TOKENS", "tok-one,tok-two"),
+                ("SENDTALK_RELAY__SENDTALK__API_KEY", "the-api-key"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.api.resolved_tokens.len(), 2);
+        let out = s.redacted_toml();
+        for secret in ["tok-one", "tok-two", "the-api-key"] {
+            assert!(!out.contains(secret), "{out}");
+        }
+        assert!(out.contains("[api]") && out.contains("[sendtalk]"), "{out}");
     }
 
     #[test]
@@ -238,7 +303,7 @@ mod tests {
         for (key, spoil) in cases {
             let (mut a, mut s) = both();
             spoil(&mut a, &mut s);
-            assert_eq!(check(&mut a, &mut s).unwrap_err().key, key);
+            assert_eq!(check(&mut a, &mut s, &[]).unwrap_err().key, key);
         }
     }
 }

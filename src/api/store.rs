@@ -231,6 +231,12 @@ impl Store {
         dispatch!(self, s => s.get(id))
     }
 
+    /// The phone a verification was created for through the API; `None`
+    /// for an id not created here. One read: it runs on the webhook path.
+    pub async fn created_phone(&self, id: &str) -> Result<Option<String>, StoreError> {
+        dispatch!(self, s => s.created_phone(id))
+    }
+
     /// Turns a record `verified` (creating one for an id seen only in a
     /// webhook) and drops it from the expiry index.
     pub async fn mark_verified(
@@ -319,14 +325,17 @@ if redis.call('HGET', KEYS[1], 'lease') == ARGV[1] then
 end
 return 0";
 
-/// Marks verified, creating the record when the id was never created here.
+/// Marks verified, creating the record when the id was never created here;
+/// returns 1 when it was pending (so it is still in the expiry index).
 const MARK_VERIFIED_SCRIPT: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then
   redis.call('HSET', KEYS[1], 'id', ARGV[1], 'userPhone', ARGV[2])
 end
 redis.call('HSET', KEYS[1], 'status', 'verified', 'verifiedTime', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-return 1";
+if st == 'pending' then return 1 end
+return 0";
 
 /// Returns the key's value, or sets it (running marker) and returns nil.
 const IDEM_BEGIN_SCRIPT: &str = r"
@@ -456,23 +465,37 @@ impl RedisStore {
         verified_time_ms: u64,
     ) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        self.bounded(
-            self.mark_verified
-                .key(self.record_key(id))
-                .arg(id)
-                .arg(user_phone)
-                .arg(verified_time_ms)
-                .arg(self.policy.ttl.as_secs())
-                .invoke_async::<i64>(&mut conn),
-        )
-        .await?;
-        self.bounded(
-            redis::cmd("ZREM")
-                .arg(self.index_key())
-                .arg(id)
-                .query_async::<()>(&mut conn),
-        )
-        .await
+        let was_pending = self
+            .bounded(
+                self.mark_verified
+                    .key(self.record_key(id))
+                    .arg(id)
+                    .arg(user_phone)
+                    .arg(verified_time_ms)
+                    .arg(self.policy.ttl.as_secs())
+                    .invoke_async::<i64>(&mut conn),
+            )
+            .await?;
+        // Only a pending record is indexed: the common webhook-only id
+        // costs one round trip.
+        if was_pending == 1 {
+            self.unindex(id).await?;
+        }
+        Ok(())
+    }
+
+    async fn created_phone(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        let (phone, created): (Option<String>, Option<String>) = self
+            .bounded(
+                redis::cmd("HMGET")
+                    .arg(self.record_key(id))
+                    .arg("userPhone")
+                    .arg("createdAt")
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(phone.filter(|_| created.is_some()))
     }
 
     async fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<String>, StoreError> {
@@ -715,6 +738,13 @@ impl MemoryStore {
             .get(id)
             .filter(|r| r.forget_at_ms > now)
             .map(|r| r.record.clone()))
+    }
+
+    fn created_phone(&self, id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .get(id)?
+            .filter(Record::created_here)
+            .and_then(|r| r.user_phone))
     }
 
     fn mark_verified(
