@@ -510,8 +510,16 @@ fn serve_api(
         App::new()
             .app_data(data.clone())
             .app_data(document.clone())
-            .route("/v1/verifications", web::post().to(routes::create))
-            .route("/v1/verifications/{id}", web::get().to(routes::status))
+            .service(
+                web::resource("/v1/verifications")
+                    .route(web::post().to(routes::create))
+                    .default_service(web::to(routes::method_not_allowed)),
+            )
+            .service(
+                web::resource("/v1/verifications/{id}")
+                    .route(web::get().to(routes::status))
+                    .default_service(web::to(routes::method_not_allowed)),
+            )
             .route(
                 "/openapi.json",
                 web::get().to(|doc: web::Data<String>| async move {

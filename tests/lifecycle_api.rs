@@ -726,3 +726,52 @@ async fn the_api_listener_is_not_bound_unless_enabled() {
     let app = spawn_app().await;
     assert!(app.api_url.is_none());
 }
+
+#[tokio::test]
+async fn with_the_memory_backend_the_api_creates_reads_and_replays_in_process() {
+    let stub = stub(Duration::ZERO).await;
+    let mut app = spawn_app_with(api_options(&stub.url).env("DEDUP__BACKEND", "memory")).await;
+    let key = unique("idem");
+    let created = create_with(&app, &request_body(PHONE), &[("idempotency-key", &key)]).await;
+    assert_eq!(created.status, 201, "{:?}", created.json);
+    let id = created.json["id"].as_str().unwrap();
+    let replay = create_with(&app, &request_body(PHONE), &[("idempotency-key", &key)]).await;
+    assert_eq!(replay.json, created.json);
+    assert_eq!(stub.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        get_status(&app, id, Some(TOKEN_A)).await.json["status"],
+        "pending"
+    );
+    let pending = app.consumer().next(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(
+        pending.properties.message_id().as_ref().unwrap().as_str(),
+        format!("{id}:pending")
+    );
+    assert!(
+        redis_keys(&app.key_prefix).await.is_empty(),
+        "nothing in Redis"
+    );
+}
+
+#[tokio::test]
+async fn other_methods_and_paths_get_json_405_and_404() {
+    let stub = stub(Duration::ZERO).await;
+    let app = spawn_app_with(api_options(&stub.url)).await;
+    let r = app
+        .client
+        .delete(format!("{}/v1/verifications/x", api(&app)))
+        .bearer_auth(TOKEN_A)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "method_not_allowed");
+    let r = app
+        .client
+        .get(format!("{}/nope", api(&app)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+}

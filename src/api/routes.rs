@@ -53,6 +53,8 @@ pub enum ApiError {
     InFlight,
     #[error("no verification with this id")]
     NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
     #[error(transparent)]
     Provider(#[from] ProviderError),
     #[error("the request could not be completed right now: {0}")]
@@ -83,6 +85,7 @@ impl ApiError {
             ApiError::IdempotencyKeyReused => "idempotency_key_reused",
             ApiError::InFlight => "in_flight",
             ApiError::NotFound => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Provider(p) => match p {
                 ProviderError::Validation { .. } => "provider_validation_failed",
                 ProviderError::Unauthorized(_) => "provider_unauthorized",
@@ -151,6 +154,7 @@ impl ResponseError for ApiError {
             ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::InFlight => StatusCode::CONFLICT,
             ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Provider(p) => match p {
                 ProviderError::Validation { .. } | ProviderError::InvalidRecipient => {
                     StatusCode::UNPROCESSABLE_ENTITY
@@ -669,6 +673,11 @@ async fn status_inner(
 /// JSON 404 for every other path on the API listener.
 pub async fn not_found() -> HttpResponse {
     ApiError::NotFound.error_response()
+}
+
+/// JSON 405 for other methods on an API path.
+pub async fn method_not_allowed() -> HttpResponse {
+    ApiError::MethodNotAllowed.error_response()
 }
 
 #[cfg(test)]
