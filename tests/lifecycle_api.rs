@@ -775,3 +775,72 @@ async fn other_methods_and_paths_get_json_405_and_404() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 404);
 }
+
+#[tokio::test]
+async fn an_expiry_claimed_by_a_replica_that_died_is_published_by_another_and_a_late_webhook_still_verifies(
+) {
+    use sendtalk_relay::api::store::{ExpiryClaim, Record, RedisStore, Store, StorePolicy};
+    let stub = stub(Duration::ZERO).await;
+    let prefix = format!("{}:", unique("test-relay"));
+    let mut options = api_options(&stub.url).env("API__EXPIRY_CHECK_SECS", "1");
+    options.key_prefix = Some(prefix.clone());
+    let store = Store::Redis(
+        RedisStore::new(
+            REDIS_URL,
+            StorePolicy {
+                key_prefix: prefix.clone(),
+                ttl: Duration::from_secs(600),
+                idempotency_ttl: Duration::from_secs(600),
+                running_ttl: Duration::from_secs(10),
+            },
+        )
+        .unwrap(),
+    );
+    let id = unique("orphan");
+    let now = now_ms();
+    store
+        .create_pending(&Record::pending(&id, PHONE, now - 60_000, now - 1))
+        .await
+        .unwrap();
+    // A replica claims the expiry and dies before publishing.
+    let claimed = store
+        .claim_expiry(&id, now, Duration::from_secs(2), "dead-replica")
+        .await
+        .unwrap();
+    assert!(matches!(claimed, ExpiryClaim::Claimed(_)));
+
+    let mut app = spawn_app_with(options).await;
+    let expired = app
+        .consumer()
+        .next(Duration::from_secs(8))
+        .await
+        .expect("expired event");
+    assert_eq!(
+        expired.properties.message_id().as_ref().unwrap().as_str(),
+        format!("{id}:expired")
+    );
+    assert_eq!(
+        get_status(&app, &id, Some(TOKEN_A)).await.json["status"],
+        "expired"
+    );
+
+    // The provider is the authority: a late webhook still verifies.
+    assert_eq!(app.post(&event_body(&id)).await.status, 200);
+    let verified = app.consumer().next(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        verified.properties.message_id().as_ref().unwrap().as_str(),
+        id
+    );
+    assert_eq!(header(&verified, "x-phone-match").unwrap(), "true");
+    assert_eq!(
+        get_status(&app, &id, Some(TOKEN_A)).await.json["status"],
+        "verified"
+    );
+    assert!(
+        app.consumer()
+            .drain(Duration::from_millis(1500))
+            .await
+            .is_empty(),
+        "expired once"
+    );
+}

@@ -505,26 +505,45 @@ async fn create_inner(
         Err(e) => return (e.error_response(), e.code(), String::new()),
     };
     let phone = crate::telemetry::mask_phone(&valid.request.user_phone);
+    // From here on the work runs in a task of its own: a caller that hangs
+    // up cannot cut it between SendTalk's answer and the durable event, nor
+    // leave an idempotency key running until its marker expires.
+    let job = run_create(api.clone(), key, valid, request_id.to_string());
+    let (answer, replayed, outcome) = match tokio::spawn(job).await {
+        Ok(done) => done,
+        Err(e) => {
+            let e = ApiError::Unavailable(format!("create task failed: {e}"));
+            (e.to_answer(), false, e.code())
+        }
+    };
+    (render(&answer, replayed), outcome, phone)
+}
+
+/// The idempotency check, the SendTalk call and what follows; returns the
+/// answer, whether it is a replay, and the metric outcome.
+async fn run_create(
+    api: Arc<Lifecycle>,
+    key: Option<String>,
+    valid: ValidCreate,
+    request_id: String,
+) -> (StoredAnswer, bool, &'static str) {
+    let request_id = request_id.as_str();
     if let Some(key) = &key {
-        match api.store.idem_begin(key, &valid.fingerprint).await {
-            Ok(IdemBegin::Started) => {}
-            Ok(IdemBegin::Done(answer)) => return (render(&answer, true), "replayed", phone),
-            Ok(IdemBegin::Running) => {
-                let e = ApiError::InFlight;
-                return (e.error_response(), e.code(), phone);
-            }
-            Ok(IdemBegin::Reused) => {
-                let e = ApiError::IdempotencyKeyReused;
-                return (e.error_response(), e.code(), phone);
-            }
+        let refused = match api.store.idem_begin(key, &valid.fingerprint).await {
+            Ok(IdemBegin::Started) => None,
+            Ok(IdemBegin::Done(answer)) => return (answer, true, "replayed"),
+            Ok(IdemBegin::Running) => Some(ApiError::InFlight),
+            Ok(IdemBegin::Reused) => Some(ApiError::IdempotencyKeyReused),
             Err(e) => {
                 tracing::error!(request_id, error = %e, "idempotency key could not be checked");
-                let e = ApiError::Unavailable(e.to_string());
-                return (e.error_response(), e.code(), phone);
+                Some(ApiError::Unavailable(e.to_string()))
             }
+        };
+        if let Some(e) = refused {
+            return (e.to_answer(), false, e.code());
         }
     }
-    let (answer, outcome) = match call_and_store(api, &valid.request, request_id).await {
+    let (answer, outcome) = match call_and_store(&api, &valid.request, request_id).await {
         Ok(answer) => (answer, "created"),
         Err(e) => {
             match &e {
@@ -562,7 +581,7 @@ async fn create_inner(
             tracing::warn!(request_id, error = %e, "could not store the idempotent answer");
         }
     }
-    (render(&answer, false), outcome, phone)
+    (answer, false, outcome)
 }
 
 /// Calls SendTalk once; on success stores the record and makes the
