@@ -28,7 +28,7 @@ pub const EXPIRY_MINUTES_RANGE: std::ops::RangeInclusive<u32> = 1..=1440;
 pub const LANGUAGES: [&str; 2] = ["en", "id"];
 
 /// `[api]`: the client-facing lifecycle API (SPEC 9).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiSettings {
     pub enabled: bool,
@@ -55,6 +55,19 @@ impl Default for ApiSettings {
     }
 }
 
+/// Hand-written: the tokens never reach a log through `{:?}`.
+impl std::fmt::Debug for ApiSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiSettings")
+            .field("enabled", &self.enabled)
+            .field("listen", &self.listen)
+            .field("tokens", &self.tokens.len())
+            .field("token_files", &self.token_files)
+            .field("expiry_check_secs", &self.expiry_check_secs)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ApiSettings {
     pub fn expiry_check(&self) -> Duration {
         Duration::from_secs(self.expiry_check_secs)
@@ -62,7 +75,7 @@ impl ApiSettings {
 }
 
 /// `[sendtalk]`: how the relay calls SendTalk's create API.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SendTalkSettings {
     pub base_url: String,
@@ -87,6 +100,20 @@ impl Default for SendTalkSettings {
             default_expiry_minutes: DEFAULT_EXPIRY_MINUTES,
             resolved_api_key: None,
         }
+    }
+}
+
+/// Hand-written: the API key never reaches a log through `{:?}`.
+impl std::fmt::Debug for SendTalkSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendTalkSettings")
+            .field("base_url", &self.base_url)
+            .field("api_key_set", &!self.api_key.is_empty())
+            .field("api_key_file", &self.api_key_file)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("default_language", &self.default_language)
+            .field("default_expiry_minutes", &self.default_expiry_minutes)
+            .finish_non_exhaustive()
     }
 }
 
