@@ -681,10 +681,15 @@ struct MemoryIdem {
     forget_at_ms: u64,
 }
 
+/// Inserts between two sweeps of forgotten in-memory entries.
+const MEMORY_SWEEP_EVERY: u64 = 1024;
+
 #[derive(Default)]
 struct MemoryState {
     records: HashMap<String, MemoryRecord>,
     idempotency: HashMap<String, MemoryIdem>,
+    /// Inserts since start, to pace the sweeps.
+    inserts: u64,
 }
 
 /// In-process store with the same semantics, for one process.
@@ -709,7 +714,13 @@ impl MemoryStore {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Drops forgotten entries once every [`MEMORY_SWEEP_EVERY`] inserts:
+    /// memory stays bounded without a scan per request.
     fn forget_old(state: &mut MemoryState, now: u64) {
+        state.inserts += 1;
+        if !state.inserts.is_multiple_of(MEMORY_SWEEP_EVERY) {
+            return;
+        }
         state.records.retain(|_, r| r.forget_at_ms > now);
         state.idempotency.retain(|_, i| i.forget_at_ms > now);
     }
@@ -756,6 +767,7 @@ impl MemoryStore {
         let now = now_ms();
         let forget_at_ms = now + ttl_ms(self.policy.ttl);
         let mut state = self.lock();
+        Self::forget_old(&mut state, now);
         let entry = state
             .records
             .entry(id.to_string())
@@ -853,6 +865,7 @@ impl MemoryStore {
         if let Some(existing) = state.idempotency.get(key).filter(|i| i.forget_at_ms > now) {
             return Ok(judge(&existing.value, fingerprint));
         }
+        Self::forget_old(&mut state, now);
         state.idempotency.insert(
             key.to_string(),
             MemoryIdem {
