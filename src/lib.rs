@@ -17,7 +17,8 @@
 //! - [`message`]: the event record the publisher, the sink and the spool carry.
 //! - [`publish`]: RabbitMQ publisher (a channel per in-flight publish, confirms,
 //!   blocked-connection handling, reconnection); stdout sink.
-//! - [`spool`]: the durable on-disk buffer and its drainer.
+//! - [`spool`]: the durable on-disk buffer (holds for late confirms and
+//!   refused entries, recovery from I/O errors) and its drainer.
 //! - [`ratelimit`]: optional per-client rate limit and the client-IP rule.
 //! - [`metrics`]: every exported metric, in one registry per app.
 //! - [`routes`]: the webhook endpoint (where the stages meet) and admin endpoints.

@@ -109,9 +109,10 @@ mod base64_bytes {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
+    /// A verified event as the unit tests of other modules use it.
     pub(crate) fn envelope() -> Envelope {
         Envelope {
             body: Bytes::from_static(b"{\"id\":\"x\"}"),

@@ -7,9 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix_web::dev::Service as _;
 use actix_web::dev::{Server, ServerHandle};
-use actix_web::http::ConnectionType;
 use actix_web::{web, App, HttpServer};
 use anyhow::Context as _;
 use tokio::task::JoinHandle;
@@ -218,28 +216,10 @@ impl Application {
             .context("Failed to read the admin address")?;
 
         let path = settings.http.webhook_path.clone();
-        let closing = accepting.clone();
         let tls = settings.http.tls_config()?;
         let webhook_server = HttpServer::new(move || {
-            let closing = closing.clone();
             App::new()
                 .app_data(relay.clone())
-                // Once shutdown starts, keep-alive connections are told to
-                // close, so senders reconnect to another replica (SPEC 6).
-                .wrap_fn(move |req, srv| {
-                    let closing = closing.clone();
-                    let response = srv.call(req);
-                    async move {
-                        let mut response = response.await?;
-                        if !closing.load(Ordering::Acquire) {
-                            response
-                                .response_mut()
-                                .head_mut()
-                                .set_connection_type(ConnectionType::Close);
-                        }
-                        Ok(response)
-                    }
-                })
                 .service(
                     web::resource(path.as_str())
                         .route(web::post().to(webhook::receive))

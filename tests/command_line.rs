@@ -380,3 +380,49 @@ fn post_blocking(url: &str, body: &str, headers: &[(String, String)]) -> u16 {
             .as_u16()
     })
 }
+
+/// SPEC 3: a lease that cannot outlive claim + confirm + spool write +
+/// commit (with the bounds the relay enforces: 3 s, the confirm timeout,
+/// 5 s, 3 s) is refused before start-up.
+#[test]
+fn a_lease_shorter_than_the_worst_case_pipeline_exits_64() {
+    let check = |lease: &str, confirm_ms: &str| {
+        relay()
+            .arg("check-config")
+            .env("SENDTALK_RELAY__DEDUP__LEASE_SECS", lease)
+            .env("SENDTALK_RELAY__AMQP__CONFIRM_TIMEOUT_MS", confirm_ms)
+            .output()
+            .unwrap()
+    };
+    let out = check("16", "5000");
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("dedup.lease_secs"), "{err}");
+    assert_eq!(check("17", "5000").status.code(), Some(0));
+    assert_eq!(check("12", "500").status.code(), Some(0));
+    assert_eq!(check("11", "500").status.code(), Some(64));
+}
+
+/// A certificate or key that does not parse is a configuration error:
+/// exit 64 naming the key, before any socket is bound.
+#[test]
+fn an_unreadable_tls_certificate_or_key_exits_64_before_binding() {
+    let dir = std::env::temp_dir().join(unique("tls"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    std::fs::write(&cert, "not a certificate\n").unwrap();
+    std::fs::write(&key, "not a key\n").unwrap();
+    let port = free_port();
+    let out = relay()
+        .env("SENDTALK_RELAY__HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        .env("SENDTALK_RELAY__HTTP__TLS_CERT_FILE", &cert)
+        .env("SENDTALK_RELAY__HTTP__TLS_KEY_FILE", &key)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("http.tls_cert_file"), "{err}");
+    assert!(!err.contains("listening"), "nothing was bound: {err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

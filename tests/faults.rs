@@ -526,3 +526,49 @@ async fn the_next_broker_in_the_uri_list_is_used_when_the_first_is_down() {
         .await;
     assert_eq!(message_ids(&msgs), vec![id]);
 }
+
+/// A confirm that misses `confirm_timeout_ms` is parked with its channel,
+/// not dropped into the client library's dropped-confirm list (where lapin
+/// keeps it until a channel error): the parked count falls back to zero
+/// once the broker answers or the connection is replaced, the spooled
+/// copies drain, and nothing answered 202 is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirms_missed_under_a_slow_broker_are_settled_not_abandoned() {
+    let broker = FaultProxy::start(addr(BROKER)).await;
+    let mut app = app_behind(
+        &broker,
+        None,
+        Options::default().env("AMQP__CONFIRM_TIMEOUT_MS", "1000"),
+    )
+    .await;
+    broker.blackhole();
+    let ids: Vec<String> = (0..5).map(|i| unique(&format!("slow-{i}"))).collect();
+    let bodies: Vec<String> = ids.iter().map(|id| event_body(id)).collect();
+    let answers = futures_util::future::join_all(bodies.iter().map(|b| app.post(b))).await;
+    for a in &answers {
+        assert_eq!((a.status, a.result()), (202, "queued"), "{:?}", a.json);
+    }
+    let publisher = app.publisher.clone().unwrap();
+    assert!(publisher.late_confirms() <= ids.len());
+    broker.restore();
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            publisher.late_confirms() == 0 && app.spool.as_ref().unwrap().depth() == 0
+        })
+        .await,
+        "parked confirms settle and the spool drains"
+    );
+    let msgs = app
+        .consumer()
+        .collect(
+            ids.len(),
+            Duration::from_secs(10),
+            Duration::from_millis(500),
+        )
+        .await;
+    let counts = id_counts(&msgs);
+    for id in &ids {
+        let n = counts.get(id).copied().unwrap_or(0);
+        assert!((1..=2).contains(&n), "{id} delivered {n} times");
+    }
+}

@@ -23,19 +23,29 @@ struct Relay {
 
 impl Relay {
     fn start(amqp_uri: &str, exchange: &str, prefix: &str, spool: &Path) -> Relay {
+        Self::start_with(amqp_uri, exchange, prefix, spool, &[])
+    }
+
+    /// Like [`Self::start`], with extra `SENDTALK_RELAY__*` variables.
+    fn start_with(
+        amqp_uri: &str,
+        exchange: &str,
+        prefix: &str,
+        spool: &Path,
+        extra: &[(&str, &str)],
+    ) -> Relay {
         let mut cmd = relay_command();
         cmd.envs(base_env(exchange, prefix, spool));
         let (port, admin) = listen_on_free_ports(&mut cmd);
+        cmd.env("SENDTALK_RELAY__SHUTDOWN__GRACE_SECS", "10");
+        for (k, v) in extra {
+            cmd.env(format!("SENDTALK_RELAY__{k}"), v);
+        }
         let child = cmd
             .env("SENDTALK_RELAY__AMQP__URI", amqp_uri)
             .env("SENDTALK_RELAY__LOG__FORMAT", "json")
-            .env("SENDTALK_RELAY__SHUTDOWN__GRACE_SECS", "10")
             .stdout(Stdio::null())
-            .stderr(if std::env::var("TEST_LOG").is_ok() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
+            .stderr(child_stderr())
             .spawn()
             .unwrap();
         Relay {
@@ -191,6 +201,62 @@ async fn sigterm_under_load_exits_0_and_every_accepted_event_is_in_the_broker() 
         lost.len(),
         accepted.len()
     );
+    cleanup_names(&exchange, &prefix).await;
+    let _ = std::fs::remove_dir_all(spool);
+}
+
+/// SPEC 6: the grace period runs out while a publish waits for its confirm.
+/// The HTTP workers are stopped, but the webhook's pipeline is not dropped
+/// with them: the event is spooled and its claim committed, so after a
+/// restart the event drains to the broker and the sender's retry is
+/// answered `duplicate`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_past_the_grace_deadline_still_commits_the_in_flight_webhook() {
+    let broker = FaultProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let exchange = unique("test.grace");
+    let prefix = format!("{}:", unique("test-grace"));
+    let spool = std::env::temp_dir().join(unique("spool-grace"));
+    let mut consumer = TestConsumer::bind(&exchange, "#").await;
+    let mut first = Relay::start_with(
+        &broker.amqp_uri(),
+        &exchange,
+        &prefix,
+        &spool,
+        &[
+            ("SHUTDOWN__GRACE_SECS", "1"),
+            ("AMQP__CONFIRM_TIMEOUT_MS", "2000"),
+        ],
+    );
+    first.wait_listening().await;
+    broker.blackhole();
+    let id = unique("past-grace");
+    let body = event_body(&id);
+    let url = first.url.clone();
+    let request = {
+        let body = body.clone();
+        tokio::spawn(async move { try_post_signed(&reqwest::Client::new(), &url, &body).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.signal("TERM");
+    let status = tokio::task::spawn_blocking(move || first.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    // Whether the sender got its answer or not, the pipeline finished.
+    let _ = request.await;
+
+    broker.restore();
+    let second = Relay::start(AMQP_URI, &exchange, &prefix, &spool);
+    second.wait_listening().await;
+    let msgs = consumer
+        .collect(1, Duration::from_secs(15), Duration::from_millis(500))
+        .await;
+    assert_eq!(message_ids(&msgs), vec![id.clone()]);
+    let retry = try_post_signed(&reqwest::Client::new(), &second.url, &body)
+        .await
+        .unwrap();
+    assert_eq!(retry.result(), "duplicate", "the claim was committed");
+    drop(second);
     cleanup_names(&exchange, &prefix).await;
     let _ = std::fs::remove_dir_all(spool);
 }

@@ -114,3 +114,63 @@ async fn returns_are_attributed_to_their_own_publish_under_concurrent_load() {
         "the spool empties once every entry is routed"
     );
 }
+
+/// Issue 8, situation 3: a second queue that refuses every message
+/// (`x-max-length = 0`, `reject-publish`) makes the broker nack. The event is
+/// spooled (202) and retried with per-entry backoff, so the healthy queue
+/// gets a handful of copies in 20 s, not one a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_nacking_queue_does_not_flood_the_other_queues() {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+    let node = rabbit_node::PrivateRabbit::start().await;
+    let mut options = Options::default().env("AMQP__URI", node.amqp_uri());
+    options.no_consumer = true;
+    let app = spawn_app_with(options).await;
+    let mut healthy = TestConsumer::bind_on(&node.amqp_uri(), &app.exchange, "#").await;
+
+    let conn = lapin::Connection::connect(&node.amqp_uri(), Default::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(0));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString(LongString::from("reject-publish")),
+    );
+    let full = unique("full.q");
+    channel
+        .queue_declare(full.as_str().into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            full.as_str().into(),
+            app.exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let id = unique("nacked");
+    let a = app.post(&event_body(&id)).await;
+    assert_eq!((a.status, a.result()), (202, "queued"), "{:?}", a.json);
+
+    let copies = healthy
+        .collect(usize::MAX, Duration::from_secs(20), Duration::ZERO)
+        .await;
+    let n = message_ids(&copies).iter().filter(|m| **m == id).count();
+    // The first publish, then retries after 1, 2, 4 and 8 s of backoff.
+    assert!(n >= 1, "the healthy queue got the event");
+    assert!(
+        n <= 6,
+        "{n} copies in 20 s: the refused entry is not backed off"
+    );
+    assert!(
+        app.spool.as_ref().unwrap().depth() >= 1,
+        "the refused entry is kept"
+    );
+}

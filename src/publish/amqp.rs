@@ -296,7 +296,12 @@ impl AmqpPublisher {
             tokio::select! {
                 () = tokio::time::sleep(HEALTH_POLL) => {}
                 () = self.inner.wake.notified() => {}
-                _ = blocked.changed() => {}
+                changed = blocked.changed() => {
+                    // The events task ended with the connection: poll instead.
+                    if changed.is_err() {
+                        tokio::time::sleep(HEALTH_POLL).await;
+                    }
+                }
                 () = shutdown.cancelled() => return,
             }
             if !link.is_open() {
@@ -401,21 +406,11 @@ fn properties(envelope: &Envelope) -> BasicProperties {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::DedupMark;
+    use crate::message::tests::envelope;
 
     #[test]
     fn properties_carry_every_field_of_the_contract() {
-        let envelope = Envelope {
-            body: Bytes::from_static(b"{\"id\":\"x\"}"),
-            message_id: "x".into(),
-            status: "verified".into(),
-            request_id: "r".into(),
-            received_at_ms: 1_692_847_205_385,
-            dedup: DedupMark::Checked,
-            verification_id: None,
-            phone_match: None,
-        };
-        let p = properties(&envelope);
+        let p = properties(&envelope());
         assert_eq!(
             p.content_type().as_ref().unwrap().as_str(),
             "application/json"
@@ -427,5 +422,27 @@ mod tests {
         );
         assert_eq!(*p.timestamp(), Some(1_692_847_205));
         assert_eq!(p.app_id().as_ref().unwrap().as_str(), "sendtalk-relay");
+    }
+
+    #[test]
+    fn lifecycle_headers_are_emitted_only_when_set() {
+        let header = |p: &BasicProperties, name: &str| {
+            p.headers()
+                .as_ref()
+                .and_then(|h| h.inner().get(name))
+                .and_then(crate::publish::header_text)
+        };
+        let mut e = envelope();
+        let p = properties(&e);
+        assert_eq!(header(&p, "x-verification-id").as_deref(), Some("x"));
+        assert_eq!(header(&p, "x-dedup").as_deref(), Some("checked"));
+        assert_eq!(header(&p, "x-phone-match"), None);
+        e.dedup = crate::message::DedupMark::Omitted;
+        e.verification_id = Some("v".into());
+        e.phone_match = Some(false);
+        let p = properties(&e);
+        assert_eq!(header(&p, "x-verification-id").as_deref(), Some("v"));
+        assert_eq!(header(&p, "x-dedup"), None);
+        assert_eq!(header(&p, "x-phone-match").as_deref(), Some("false"));
     }
 }

@@ -25,6 +25,7 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, Event, Publisher
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::PublishError;
 
@@ -99,6 +100,9 @@ pub(super) struct Link {
     /// Publishes whose caller stopped waiting and whose confirm is pending.
     late: Arc<AtomicUsize>,
     events: JoinHandle<()>,
+    /// Cancelled by [`Link::close`]: parked confirms settle as not routed
+    /// instead of waiting on a connection that is going away.
+    closed: CancellationToken,
 }
 
 impl Link {
@@ -132,6 +136,7 @@ impl Link {
             blocked,
             late: Arc::new(AtomicUsize::new(0)),
             events,
+            closed: CancellationToken::new(),
         });
         let first = link.open_channel().await?;
         prepare(&first).await?;
@@ -262,12 +267,16 @@ impl Link {
         let (tx, rx) = oneshot::channel();
         let link = Arc::downgrade(self);
         let late = self.late.clone();
+        let closed = self.closed.clone();
         late.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
-            let answer = tokio::time::timeout(LATE_CONFIRM_MAX, confirm).await;
-            let routed = matches!(answer, Ok(Ok(Confirmation::Ack(None))));
+            let answer = tokio::select! {
+                answer = tokio::time::timeout(LATE_CONFIRM_MAX, confirm) => answer.ok(),
+                () = closed.cancelled() => None,
+            };
+            let routed = matches!(answer, Some(Ok(Confirmation::Ack(None))));
             match (answer, link.upgrade()) {
-                (Ok(Ok(_)), Some(link)) => link.put_back(channel),
+                (Some(Ok(_)), Some(link)) => link.put_back(channel),
                 _ => {
                     let _ = channel.close(200, "confirm abandoned".into()).await;
                 }
@@ -282,6 +291,7 @@ impl Link {
     /// Closes the connection (cleanly if it still works), bounded in time
     /// so a dead peer cannot hold up reconnection or shutdown.
     pub async fn close(&self) {
+        self.closed.cancel();
         self.events.abort();
         let channels: Vec<Channel> = self
             .idle

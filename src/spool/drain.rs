@@ -36,6 +36,8 @@ impl Spool {
                 match self.drain_once(&sink).await {
                     Ok(0) => break,
                     Ok(_) => {}
+                    // Already logged once by the writer; it recovers by itself.
+                    Err(SpoolError::Failing) => break,
                     Err(e) => {
                         tracing::error!(error = %e, "spool drain failed");
                         break;

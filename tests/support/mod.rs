@@ -45,6 +45,15 @@ pub fn init_logs() {
     }
 }
 
+/// Standard error of a child process the test starts: shown with `TEST_LOG`.
+pub fn child_stderr() -> std::process::Stdio {
+    if std::env::var("TEST_LOG").is_ok() {
+        std::process::Stdio::inherit()
+    } else {
+        std::process::Stdio::null()
+    }
+}
+
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
@@ -136,6 +145,7 @@ pub struct TestApp {
     pub consumer: Option<TestConsumer>,
     pub app_metrics: sendtalk_relay::metrics::Metrics,
     pub spool: Option<sendtalk_relay::spool::Spool>,
+    pub publisher: Option<sendtalk_relay::publish::AmqpPublisher>,
     shutdown: CancellationToken,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     owns_names: bool,
@@ -198,6 +208,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
     let api_url = app.api_addr().map(|a| format!("http://{a}"));
     let app_metrics = app.metrics().clone();
     let spool = app.spool().cloned();
+    let publisher = app.publisher().cloned();
     let shutdown = CancellationToken::new();
     let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
     TestApp {
@@ -214,6 +225,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         consumer,
         app_metrics,
         spool,
+        publisher,
         shutdown,
         handle: Some(handle),
         owns_names,
@@ -458,7 +470,12 @@ pub struct TestConsumer {
 
 impl TestConsumer {
     pub async fn bind(exchange: &str, binding: &str) -> Self {
-        let conn = Connection::connect(AMQP_URI, ConnectionProperties::default())
+        Self::bind_on(AMQP_URI, exchange, binding).await
+    }
+
+    /// Like [`Self::bind`], on the broker at `uri` (a private node).
+    pub async fn bind_on(uri: &str, exchange: &str, binding: &str) -> Self {
+        let conn = Connection::connect(uri, ConnectionProperties::default())
             .await
             .expect("RabbitMQ reachable");
         let channel = conn.create_channel().await.unwrap();

@@ -1,0 +1,183 @@
+//! The 2xx promise when the broker or the disk runs out of a resource
+//! (SPEC 4, 5, 6): a broker memory alarm (`connection.blocked`) on a private
+//! RabbitMQ node, and a spool on a small tmpfs that fills up.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use support::proxy::FaultProxy;
+use support::rabbit_node::PrivateRabbit;
+use support::tmpfs::SmallFs;
+use support::*;
+
+/// Issue 8, situation 4: under a memory alarm webhooks are answered 202 at
+/// once (not after the confirm timeout), `amqp_connected` is 0, readiness
+/// stays 200 (the spool takes events), and once the alarm clears every event
+/// arrives exactly once: the publish that was in flight when the broker
+/// blocked is not published a second time from the spool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_blocked_broker_spools_at_once_and_publishes_nothing_twice() {
+    let node = PrivateRabbit::start().await;
+    let mut options = Options::default()
+        .env("AMQP__URI", node.amqp_uri())
+        .env("AMQP__CONFIRM_TIMEOUT_MS", "5000");
+    options.no_consumer = true;
+    let app = spawn_app_with(options).await;
+    let mut consumer = TestConsumer::bind_on(&node.amqp_uri(), &app.exchange, "#").await;
+
+    let mut accepted = Vec::new();
+    for _ in 0..5 {
+        let id = unique("pre-alarm");
+        let a = app.post(&event_body(&id)).await;
+        assert_eq!((a.status, a.result()), (200, "published"));
+        accepted.push(id);
+    }
+
+    node.set_memory_alarm(true);
+    // RabbitMQ blocks a connection when it next publishes: the first event
+    // is in flight when the block arrives, the rest meet a blocked link.
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let id = unique("blocked");
+        let started = Instant::now();
+        let a = app.post(&event_body(&id)).await;
+        slowest = slowest.max(started.elapsed());
+        assert_eq!((a.status, a.result()), (202, "queued"), "{:?}", a.json);
+        accepted.push(id);
+    }
+    assert!(
+        slowest < Duration::from_secs(4),
+        "spooled at once, not after the 5 s confirm timeout (slowest {slowest:?})"
+    );
+    assert_eq!(app.metric("sendtalk_relay_amqp_connected").await, Some(0.0));
+    assert_eq!(
+        app.admin("/readyz").await.0,
+        200,
+        "the spool can take events"
+    );
+
+    node.set_memory_alarm(false);
+    let delivered = consumer
+        .collect(
+            accepted.len(),
+            Duration::from_secs(30),
+            Duration::from_secs(3),
+        )
+        .await;
+    let counts: HashMap<String, usize> = id_counts(&delivered);
+    for id in &accepted {
+        assert_eq!(
+            counts.get(id),
+            Some(&1),
+            "{id} delivered {:?} times",
+            counts.get(id)
+        );
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            app.spool.as_ref().unwrap().depth() == 0
+        })
+        .await
+    );
+    assert_eq!(app.metric("sendtalk_relay_amqp_connected").await, Some(1.0));
+}
+
+/// Issue 8, situation 2: with the broker cut and the spool's file system
+/// full, webhooks are answered 503 with the claim released, readiness is 503
+/// and `spool_errors_total` counts; once space is freed the spool reopens by
+/// itself, readiness is 200 again, the refused id is accepted on retry, and
+/// every event answered 202 reaches the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_disk_refuses_with_503_and_recovers_without_restart() {
+    let fs = SmallFs::mount(4 * 1024);
+    let broker = FaultProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let mut options = Options::default().env("AMQP__URI", broker.amqp_uri());
+    options.spool_dir = Some(fs.path().join("spool"));
+    let mut app = spawn_app_with(options).await;
+    broker.cut();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            app.metric("sendtalk_relay_amqp_connected").await == Some(0.0)
+        })
+        .await
+    );
+
+    let mut queued = Vec::new();
+    for _ in 0..5 {
+        let id = unique("before-full");
+        let a = app.post(&event_body(&id)).await;
+        assert_eq!((a.status, a.result()), (202, "queued"), "{:?}", a.json);
+        queued.push(id);
+    }
+
+    fs.fill();
+    let mut refused = None;
+    for _ in 0..2000 {
+        let id = unique("full");
+        let a = app.post(&event_body(&id)).await;
+        match a.status {
+            202 => queued.push(id),
+            503 => {
+                assert_eq!(a.code(), "unavailable");
+                assert!(a.headers.contains_key("retry-after"));
+                refused = Some(id);
+                break;
+            }
+            other => panic!("unexpected {other}: {:?}", a.json),
+        }
+    }
+    let refused = refused.expect("a full disk ends in 503");
+    let again = app.post(&event_body(&unique("still-full"))).await;
+    assert_eq!(again.status, 503);
+    assert_eq!(
+        app.admin("/readyz").await.0,
+        503,
+        "nothing can take an event"
+    );
+    assert!(
+        app.metric("sendtalk_relay_spool_errors_total")
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+
+    fs.free();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            app.admin("/readyz").await.0 == 200
+        })
+        .await,
+        "the spool reopens by itself once space is free"
+    );
+    // The claim was released: the sender's retry is accepted, not 409.
+    let retry = app.post(&event_body(&refused)).await;
+    assert_eq!(
+        (retry.status, retry.result()),
+        (202, "queued"),
+        "{:?}",
+        retry.json
+    );
+    queued.push(refused);
+
+    broker.restore();
+    let delivered = app
+        .consumer()
+        .collect(
+            queued.len(),
+            Duration::from_secs(30),
+            Duration::from_secs(2),
+        )
+        .await;
+    let counts = id_counts(&delivered);
+    let lost: Vec<_> = queued
+        .iter()
+        .filter(|id| !counts.contains_key(*id))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} events answered 202 were lost: {lost:?}",
+        lost.len()
+    );
+}
