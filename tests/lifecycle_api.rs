@@ -844,3 +844,24 @@ async fn an_expiry_claimed_by_a_replica_that_died_is_published_by_another_and_a_
         "expired once"
     );
 }
+
+#[tokio::test]
+async fn with_redis_down_the_api_answers_503_and_an_idempotent_create_never_calls_sendtalk() {
+    let stub = stub(Duration::ZERO).await;
+    let closed = format!("redis://127.0.0.1:{}", free_port());
+    let app = spawn_app_with(api_options(&stub.url).env("REDIS__URL", closed)).await;
+    let keyed = create_with(&app, &request_body(PHONE), &[("idempotency-key", "k-1")]).await;
+    assert_eq!(
+        (keyed.status, keyed.code()),
+        (503, "unavailable"),
+        "{:?}",
+        keyed.json
+    );
+    assert!(keyed.headers.contains_key("retry-after"));
+    assert_eq!(stub.calls.load(Ordering::SeqCst), 0);
+    // Without a key SendTalk is called, but a record that cannot be stored
+    // is not answered 201.
+    let plain = create(&app, &request_body(PHONE)).await;
+    assert_eq!((plain.status, plain.code()), (503, "unavailable"));
+    assert_eq!(get_status(&app, "some-id", Some(TOKEN_A)).await.status, 503);
+}
