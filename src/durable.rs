@@ -3,7 +3,10 @@
 //! lifecycle API's events (SPEC 9.3) share this one function, so every
 //! message has the same guarantee.
 
+use std::time::Instant;
+
 use crate::message::Envelope;
+use crate::metrics::{Metrics, Stage};
 use crate::publish::Sink;
 use crate::spool::{Spool, Spooled};
 
@@ -22,12 +25,21 @@ pub enum Durable {
 pub struct NotDurable(pub String);
 
 /// Publishes with confirm, or spools when the broker cannot take the event.
+/// `stages`: where the webhook times its publish and spool stages
+/// (`stage_duration_seconds`); `None` for lifecycle events, which are not
+/// part of a webhook's pipeline.
 pub async fn make_durable(
     sink: &Sink,
     spool: Option<&Spool>,
     envelope: &Envelope,
+    stages: Option<&Metrics>,
 ) -> Result<Durable, NotDurable> {
-    let publish_error = match sink.publish(envelope).await {
+    let publish_started = Instant::now();
+    let published = sink.publish(envelope).await;
+    if let Some(metrics) = stages {
+        metrics.stage(Stage::Publish, publish_started.elapsed());
+    }
+    let publish_error = match published {
         Ok(()) => return Ok(Durable::Published),
         Err(e) => e,
     };
@@ -35,7 +47,12 @@ pub async fn make_durable(
         return Err(NotDurable(format!("{publish_error}; spool disabled")));
     };
     let reason = publish_error.to_string();
-    match spool.append(envelope, Spooled::after(publish_error)).await {
+    let spool_started = Instant::now();
+    let appended = spool.append(envelope, Spooled::after(publish_error)).await;
+    if let Some(metrics) = stages {
+        metrics.stage(Stage::Spool, spool_started.elapsed());
+    }
+    match appended {
         Ok(()) => {
             tracing::warn!(
                 request_id = envelope.request_id,

@@ -2,8 +2,8 @@
 //! so that several instances in one test process do not share counters.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Metric name prefix, fixed by the spec.
@@ -13,6 +13,13 @@ const NAMESPACE: &str = "sendtalk_relay";
 /// confirm timeout up to `amqp.confirm_timeout_ms`.
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Stage buckets start at 100 µs: a claim or a commit is one Redis round
+/// trip of a few hundred µs, which the request buckets cannot tell apart.
+const STAGE_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
 ];
 
 /// How one webhook ended; the `outcome` label of `webhooks_total`.
@@ -51,6 +58,49 @@ impl Outcome {
     }
 }
 
+/// One step of the webhook pipeline; the `stage` label of
+/// `stage_duration_seconds`. Each is observed in exactly one place of
+/// `routes/webhook.rs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// The dedup claim (one Redis round trip, or the memory store).
+    Claim,
+    /// The publish up to its confirm (or failure), as the pipeline waits on it.
+    Publish,
+    /// The spool append after a failed publish, fsync included.
+    Spool,
+    /// The dedup commit after the event was made durable.
+    Commit,
+    /// The whole pipeline after the body was read, up to the answer.
+    Total,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 5] = [
+        Stage::Claim,
+        Stage::Publish,
+        Stage::Spool,
+        Stage::Commit,
+        Stage::Total,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Claim => "claim",
+            Stage::Publish => "publish",
+            Stage::Spool => "spool",
+            Stage::Commit => "commit",
+            Stage::Total => "total",
+        }
+    }
+}
+
+/// The children of `stage_duration_seconds`, resolved once and indexed by
+/// `Stage as usize` (the order of [`Stage::ALL`]): the hot path observes
+/// without a label look-up.
+#[derive(Clone)]
+struct StageHistograms([Histogram; 5]);
+
 /// The relay's metrics; cloned handles share the same series.
 #[derive(Clone)]
 pub struct Metrics {
@@ -73,6 +123,8 @@ pub struct Metrics {
     pub sendtalk_duration: Histogram,
     pub verifications_expired: IntCounter,
     pub phone_mismatch: IntCounter,
+    stage_duration: HistogramVec,
+    stages: StageHistograms,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -109,6 +161,19 @@ impl Metrics {
             "Time from publishing to the broker's confirm (or failure).",
         ))
         .expect("static metric definition is valid");
+        let stage_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "stage_duration_seconds",
+                "Time one webhook spends in each pipeline stage (claim, publish, spool, commit, total).",
+            )
+            .namespace(NAMESPACE)
+            .buckets(STAGE_BUCKETS.to_vec()),
+            &["stage"],
+        )
+        .expect("static metric definition is valid");
+        let stages = StageHistograms(
+            Stage::ALL.map(|stage| stage_duration.with_label_values(&[stage.as_str()])),
+        );
         let gauge = |name: &str, help: &str| {
             IntGauge::with_opts(opts(name, help)).expect("static metric definition is valid")
         };
@@ -198,6 +263,8 @@ impl Metrics {
                 "phone_mismatch_total",
                 "Webhooks whose userPhone differs from the phone the verification was created for.",
             ),
+            stage_duration,
+            stages,
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -218,6 +285,7 @@ impl Metrics {
             Box::new(metrics.sendtalk_duration.clone()),
             Box::new(metrics.verifications_expired.clone()),
             Box::new(metrics.phone_mismatch.clone()),
+            Box::new(metrics.stage_duration.clone()),
             Box::new(build_info),
         ];
         for c in collectors {
@@ -260,6 +328,11 @@ impl Metrics {
         self.api_requests
             .with_label_values(&[endpoint, outcome])
             .inc();
+    }
+
+    /// Records `elapsed` for one webhook in `stage`.
+    pub fn stage(&self, stage: Stage, elapsed: std::time::Duration) {
+        self.stages.0[stage as usize].observe(elapsed.as_secs_f64());
     }
 
     pub fn webhook(&self, outcome: Outcome) {
@@ -311,6 +384,11 @@ mod tests {
             "sendtalk_relay_sendtalk_request_duration_seconds_bucket",
             "sendtalk_relay_verifications_expired_total",
             "sendtalk_relay_phone_mismatch_total",
+            "sendtalk_relay_stage_duration_seconds_bucket{stage=\"claim\"",
+            "sendtalk_relay_stage_duration_seconds_bucket{stage=\"publish\"",
+            "sendtalk_relay_stage_duration_seconds_bucket{stage=\"spool\"",
+            "sendtalk_relay_stage_duration_seconds_bucket{stage=\"commit\"",
+            "sendtalk_relay_stage_duration_seconds_bucket{stage=\"total\"",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -95,7 +95,7 @@ impl Lifecycle {
             verification_id: Some(record.id.clone()),
             phone_match: None,
         };
-        make_durable(&self.sink, self.spool.as_ref(), &envelope).await
+        make_durable(&self.sink, self.spool.as_ref(), &envelope, None).await
     }
 
     /// For the webhook, before it publishes: whether `user_phone` is the

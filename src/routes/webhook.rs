@@ -17,9 +17,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{AuthError, Verifier};
 use crate::config::OnUnavailable;
-use crate::dedup::{Claim, Dedup, LeaseToken};
+use crate::dedup::{Claim, Dedup, LeaseToken, PendingCommits};
 use crate::message::{DedupMark, Envelope};
-use crate::metrics::{Metrics, Outcome};
+use crate::metrics::{Metrics, Outcome, Stage};
 use crate::payload::{check_media_type, PayloadError, PayloadRules, VerificationEvent};
 use crate::publish::Sink;
 use crate::ratelimit::ClientLimits;
@@ -45,6 +45,8 @@ pub struct Relay {
     pub verifier: Verifier,
     pub rules: PayloadRules,
     pub dedup: Dedup,
+    /// Dedup commits still running after their answer (see `commit_after_answer`).
+    pub commits: PendingCommits,
     pub on_unavailable: OnUnavailable,
     pub sink: Arc<Sink>,
     /// `None` when `spool.enabled = false`.
@@ -285,8 +287,10 @@ pub async fn receive(
                 let relay = relay.clone();
                 let request_id = request_id.clone();
                 async move {
+                    let started = Instant::now();
                     let mut trace = Trace::default();
                     let result = handle(&relay, &headers, bytes, &request_id, &mut trace).await;
+                    relay.metrics.stage(Stage::Total, started.elapsed());
                     (result, trace)
                 }
             };
@@ -365,7 +369,7 @@ fn with_request_id(mut response: HttpResponse, request_id: &str) -> HttpResponse
 }
 
 async fn handle(
-    relay: &Relay,
+    relay: &Arc<Relay>,
     headers: &header::HeaderMap,
     body: Bytes,
     request_id: &str,
@@ -402,7 +406,14 @@ async fn handle(
     trace.id = Some(event.id.as_str().to_string());
     trace.phone = Some(event.user_phone.masked());
 
-    let claim = match relay.dedup.claim(&event.id).await {
+    let claim_started = Instant::now();
+    let mut claimed = relay.dedup.claim(&event.id).await;
+    if matches!(claimed, Ok(Claim::InFlight)) && relay.commits.wait(&event.id).await {
+        // The lease was our own commit's, which has ended now.
+        claimed = relay.dedup.claim(&event.id).await;
+    }
+    relay.metrics.stage(Stage::Claim, claim_started.elapsed());
+    let claim = match claimed {
         Ok(claim) => Some(claim),
         Err(e) => match relay.on_unavailable {
             OnUnavailable::Reject => return Err(RelayError::Unavailable(e.to_string())),
@@ -454,16 +465,8 @@ async fn handle(
             return Err(e);
         }
     };
-    if let Some(token) = &token {
-        // The event is safe now; a failed commit only weakens dedup.
-        if let Err(e) = relay
-            .dedup
-            .commit(&event.id, token, &event.status, event.verified_time)
-            .await
-        {
-            relay.metrics.dedup_commit_failed.inc();
-            tracing::warn!(request_id, verification_id = event.id.as_str(), error = %e, "dedup commit failed after the event was made durable");
-        }
+    if let Some(token) = token {
+        commit_after_answer(relay, &event, token, request_id);
     }
     // Lifecycle API (SPEC 9.2): the record turns verified once the event is safe.
     if let Some(lifecycle) = &relay.lifecycle {
@@ -478,10 +481,51 @@ async fn handle(
     Ok(accepted)
 }
 
+/// Commits the dedup record in a task of its own, so the answer does not
+/// wait for it: the event is safe already, and a failed commit only weakens
+/// dedup (SPEC 3). The task is tracked with the pipelines and awaited at
+/// shutdown (SPEC 6); a re-send meanwhile waits for it in its claim
+/// ([`PendingCommits`]) on this replica and is answered 409 on another, as
+/// while any lease is held.
+fn commit_after_answer(
+    relay: &Arc<Relay>,
+    event: &VerificationEvent,
+    token: LeaseToken,
+    request_id: &str,
+) {
+    let running = relay.commits.start(&event.id);
+    let relay2 = relay.clone();
+    let (id, status, verified_time) = (event.id.clone(), event.status.clone(), event.verified_time);
+    let request_id = request_id.to_string();
+    let commit = async move {
+        let relay = relay2;
+        let started = Instant::now();
+        let committed = relay
+            .dedup
+            .commit(&id, &token, &status, verified_time)
+            .await;
+        relay.metrics.stage(Stage::Commit, started.elapsed());
+        relay.commits.finish(&id, running);
+        if let Err(e) = committed {
+            relay.metrics.dedup_commit_failed.inc();
+            tracing::warn!(request_id, verification_id = id.as_str(), error = %e, "dedup commit failed after the event was made durable");
+        }
+    };
+    relay.pipelines.spawn_on(commit, &relay.runtime);
+}
+
 /// Publishes with confirm, or spools when the broker cannot take the event
-/// (shared with the lifecycle API's events: [`crate::durable`]).
+/// (shared with the lifecycle API's events: [`crate::durable`]); the
+/// webhook's publish and spool stages are timed.
 async fn make_durable(relay: &Relay, envelope: &Envelope) -> Result<Accepted, RelayError> {
-    match crate::durable::make_durable(&relay.sink, relay.spool.as_ref(), envelope).await {
+    match crate::durable::make_durable(
+        &relay.sink,
+        relay.spool.as_ref(),
+        envelope,
+        Some(&relay.metrics),
+    )
+    .await
+    {
         Ok(crate::durable::Durable::Published) => Ok(Accepted::Published),
         Ok(crate::durable::Durable::Queued) => Ok(Accepted::Queued),
         Err(e) => Err(RelayError::Unavailable(e.0)),

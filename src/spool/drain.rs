@@ -1,22 +1,54 @@
 //! The drainer: republishes spooled events oldest first with confirms, and
 //! deletes an entry only after its confirm (SPEC 5).
+//!
+//! A pass keeps [`DRAIN_IN_FLIGHT`] publishes outstanding all the time
+//! instead of publishing in rounds: a round waits for its slowest confirm and
+//! then for its removal's fsync before the next one starts, which left the
+//! broker idle most of the time (measured: ~1,500 events/s against a broker
+//! that confirms 18-22k msg/s). Reads move forward through the table from a
+//! cursor, refilled as confirms come back, and the confirmed entries are
+//! deleted by one removal at a time, whatever has been confirmed since the
+//! previous one (the writer thread's group commit: one fsync per removal),
+//! while the next publishes are already in flight.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use tokio_util::sync::CancellationToken;
 
 use super::{Hold, Spool, SpoolError};
+use crate::message::Envelope;
 use crate::publish::{PublishError, Sink};
 
-/// Entries published concurrently per round; each takes a channel of its
-/// own from the publisher's pool.
-const DRAIN_BATCH: usize = 256;
+/// Publishes outstanding at once while draining; each takes a channel of its
+/// own from the publisher's pool (512 at most, shared with live traffic).
+const DRAIN_IN_FLIGHT: usize = 256;
+/// Entries read per refill: once this many slots are free, so that a read
+/// transaction and its JSON decoding are paid per batch, not per entry.
+const REFILL_BATCH: usize = 64;
 /// How often the drainer looks for work when nothing wakes it.
 const DRAIN_POLL: Duration = Duration::from_secs(1);
 /// Pause after an append before draining: an append means the broker just
 /// failed to take an event.
 const AFTER_APPEND: Duration = Duration::from_millis(200);
+
+/// Confirms still outstanding when a flush reaches its deadline get this
+/// much longer, so that what the broker took is also deleted; the shutdown
+/// stays bounded.
+const FLUSH_SETTLE: Duration = Duration::from_secs(1);
+
+/// What finished inside a drain pass.
+enum Done {
+    /// One entry's publish: (sequence number, envelope, stored length, result).
+    Published(u64, Envelope, u64, Result<(), PublishError>),
+    /// One removal of confirmed entries (sequence number, stored length).
+    Removed(Result<(), SpoolError>, Vec<(u64, u64)>),
+}
+
+type Work<'a> = Pin<Box<dyn Future<Output = Done> + Send + 'a>>;
 
 impl Spool {
     /// Republishes spooled events until `shutdown`, oldest first.
@@ -33,7 +65,7 @@ impl Spool {
                 () = shutdown.cancelled() => return,
             }
             while self.depth() > 0 && sink.is_available() && !shutdown.is_cancelled() {
-                match self.drain_once(&sink).await {
+                match self.drain_pass(&sink, None, &shutdown).await {
                     Ok(0) => break,
                     Ok(_) => {}
                     // Already logged once by the writer; it recovers by itself.
@@ -52,9 +84,13 @@ impl Spool {
     /// next start.
     pub async fn flush(&self, sink: &Sink, within: Duration) {
         let deadline = Instant::now() + within;
+        let never = CancellationToken::new();
         while self.depth() > 0 && sink.is_available() && Instant::now() < deadline {
             let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, self.drain_once(sink)).await {
+            // The pass stops publishing at the deadline; the timeout only
+            // bounds the confirms still outstanding then.
+            let pass = self.drain_pass(sink, Some(deadline), &never);
+            match tokio::time::timeout(left + FLUSH_SETTLE, pass).await {
                 Ok(Ok(n)) if n > 0 => {}
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "spool flush failed");
@@ -65,46 +101,117 @@ impl Spool {
         }
     }
 
-    /// One round: publish a batch concurrently, delete the confirmed ones in
-    /// one transaction. Returns how many entries were settled one way or
-    /// another (0 when there was nothing to do or the broker went away).
-    async fn drain_once(&self, sink: &Sink) -> Result<usize, SpoolError> {
-        let this = self.clone();
-        let batch = tokio::task::spawn_blocking(move || this.oldest(DRAIN_BATCH))
-            .await
-            .map_err(super::storage)??;
-        if batch.is_empty() {
-            return Ok(0);
-        }
-        let results =
-            futures_util::future::join_all(batch.iter().map(|(_, env, _)| sink.publish(env))).await;
-        let mut confirmed = Vec::new();
+    /// One pass from the oldest entry to the newest: keeps up to
+    /// [`DRAIN_IN_FLIGHT`] publishes outstanding, deletes confirmed entries
+    /// as they come, and stops taking new entries at the end of the table, at
+    /// `deadline`, on `stop`, or when the broker goes away. Returns how many
+    /// entries were settled one way or another (0 when there was nothing to
+    /// do or the broker went away at once).
+    async fn drain_pass(
+        &self,
+        sink: &Sink,
+        deadline: Option<Instant>,
+        stop: &CancellationToken,
+    ) -> Result<usize, SpoolError> {
+        let mut work: FuturesUnordered<Work<'_>> = FuturesUnordered::new();
+        let mut publishing = 0usize;
+        let mut removing = false;
+        // Everything before the cursor was taken by this pass: an entry in
+        // flight or awaiting its removal is never read twice.
+        let mut cursor = 0u64;
+        let mut exhausted = false;
+        let mut confirmed: Vec<(u64, u64)> = Vec::new();
         let mut settled = 0usize;
-        for ((seq, env, len), result) in batch.into_iter().zip(results) {
-            match result {
-                Ok(()) => confirmed.push((seq, len)),
-                Err(error @ (PublishError::Unroutable | PublishError::Nack)) => {
-                    let wait = self.back_off(seq);
-                    settled += 1;
-                    tracing::warn!(message_id = %env.message_id, %error, retry_in_secs = wait.as_secs(), "spooled event refused again; retrying later");
+        let mut removed = 0usize;
+        let mut failure = None;
+        loop {
+            let stopping = stop.is_cancelled()
+                || deadline.is_some_and(|d| Instant::now() >= d)
+                || !sink.is_available();
+            if !exhausted && !stopping && DRAIN_IN_FLIGHT - publishing >= REFILL_BATCH {
+                let want = DRAIN_IN_FLIGHT - publishing;
+                let batch = self.read_batch(cursor, want).await?;
+                if batch.len() < want {
+                    exhausted = true;
                 }
-                Err(PublishError::Unconfirmed(late)) => {
-                    self.set_hold(seq, Hold::Pending);
-                    self.settle_when_confirmed(seq, len, late);
-                    settled += 1;
+                for (seq, envelope, len) in batch {
+                    cursor = seq + 1;
+                    publishing += 1;
+                    work.push(Box::pin(async move {
+                        let result = sink.publish(&envelope).await;
+                        Done::Published(seq, envelope, len, result)
+                    }));
                 }
-                Err(error) => tracing::debug!(%error, "spool drain paused"),
+            }
+            if !removing && !confirmed.is_empty() {
+                let batch = std::mem::take(&mut confirmed);
+                let spool = self.clone();
+                removing = true;
+                work.push(Box::pin(async move {
+                    let result = spool.remove(&batch).await;
+                    Done::Removed(result, batch)
+                }));
+            }
+            let Some(done) = work.next().await else {
+                break;
+            };
+            match done {
+                Done::Published(seq, envelope, len, result) => {
+                    publishing -= 1;
+                    match result {
+                        Ok(()) => confirmed.push((seq, len)),
+                        Err(error @ (PublishError::Unroutable | PublishError::Nack)) => {
+                            let wait = self.back_off(seq);
+                            settled += 1;
+                            tracing::warn!(message_id = %envelope.message_id, %error, retry_in_secs = wait.as_secs(), "spooled event refused again; retrying later");
+                        }
+                        Err(PublishError::Unconfirmed(late)) => {
+                            self.set_hold(seq, Hold::Pending);
+                            self.settle_when_confirmed(seq, len, late);
+                            settled += 1;
+                        }
+                        Err(error) => {
+                            // The broker went away: take nothing more this pass.
+                            exhausted = true;
+                            tracing::debug!(%error, "spool drain paused");
+                        }
+                    }
+                }
+                Done::Removed(result, batch) => {
+                    removing = false;
+                    match result {
+                        Ok(()) => removed += batch.len(),
+                        Err(e) => {
+                            // Left in place: a later pass publishes them again.
+                            exhausted = true;
+                            failure = Some(e);
+                        }
+                    }
+                }
             }
         }
-        let n = confirmed.len();
-        self.remove(&confirmed).await?;
-        if n > 0 {
+        if removed > 0 {
             tracing::info!(
-                drained = n,
+                drained = removed,
                 remaining = self.depth(),
                 "spooled events published"
             );
         }
-        Ok(n + settled)
+        match failure {
+            Some(e) if removed == 0 => Err(e),
+            _ => Ok(removed + settled),
+        }
+    }
+
+    /// The next entries of a pass, read off the async threads.
+    async fn read_batch(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Envelope, u64)>, SpoolError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.oldest_from(from, limit))
+            .await
+            .map_err(super::storage)?
     }
 }

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use prometheus::{IntCounter, IntGauge};
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use redb::{Database, ReadableDatabase, ReadableTableMetadata};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::message::Envelope;
@@ -397,7 +397,20 @@ impl Spool {
     }
 
     /// The oldest entries the drainer may publish now, up to `limit`.
+    #[cfg(test)]
     fn oldest(&self, limit: usize) -> Result<Vec<(u64, Envelope, u64)>, SpoolError> {
+        self.oldest_from(0, limit)
+    }
+
+    /// The oldest entries from sequence number `from` on that the drainer
+    /// may publish now, up to `limit`. A range read: a drain pass moves
+    /// forward through the table instead of walking over what it already
+    /// took (and may still be publishing or deleting).
+    fn oldest_from(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Envelope, u64)>, SpoolError> {
         let now = Instant::now();
         let holds = self
             .inner
@@ -413,7 +426,7 @@ impl Spool {
             Err(e) => return Err(storage(e)),
         };
         let mut out = Vec::new();
-        for entry in table.iter().map_err(storage)? {
+        for entry in table.range(from..).map_err(storage)? {
             let (k, v) = entry.map_err(storage)?;
             let seq = k.value();
             match holds.get(&seq) {

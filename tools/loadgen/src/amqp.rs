@@ -67,6 +67,42 @@ pub async fn counting_queue(channel: &Channel, exchange: &str, name: &str) -> an
     Ok(())
 }
 
+/// A non-exclusive queue bound to `exchange` with `#` that outlives this
+/// process (the drain measurement binds it before the relay restarts) and
+/// deletes itself after `expires` unused, should the script die.
+pub async fn lasting_counting_queue(
+    channel: &Channel,
+    exchange: &str,
+    name: &str,
+    expires: Duration,
+) -> anyhow::Result<()> {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-expires".into(),
+        AMQPValue::LongUInt(u32::try_from(expires.as_millis()).unwrap_or(u32::MAX)),
+    );
+    channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                auto_delete: false,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await?;
+    channel
+        .queue_bind(
+            name.into(),
+            exchange.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}
+
 pub async fn queue_depth(channel: &Channel, name: &str) -> anyhow::Result<u64> {
     let q = channel
         .queue_declare(

@@ -103,6 +103,30 @@ enum Mode {
         #[arg(long)]
         server_workers: Option<usize>,
     },
+    /// Declare a queue bound to `exchange` (and the exchange) that outlives
+    /// this process; it expires after `expires_secs` unused.
+    QueueBind {
+        #[arg(long)]
+        exchange: String,
+        #[arg(long)]
+        queue: String,
+        #[arg(long, default_value_t = 600)]
+        expires_secs: u64,
+        #[arg(long, default_value = DEFAULT_AMQP)]
+        amqp_uri: String,
+    },
+    /// Wait until a queue holds `expect` messages (or `within_secs` passes),
+    /// print `RESULT mode=queue delivered=N`, then delete the queue.
+    QueueCount {
+        #[arg(long)]
+        queue: String,
+        #[arg(long, default_value_t = 0)]
+        expect: u64,
+        #[arg(long, default_value_t = 30)]
+        within_secs: u64,
+        #[arg(long, default_value = DEFAULT_AMQP)]
+        amqp_uri: String,
+    },
     /// Print free loopback TCP ports (bound together, then released).
     FreePort {
         #[arg(short = 'n', default_value_t = 1)]
@@ -160,6 +184,52 @@ fn main() -> anyhow::Result<()> {
             shape,
             server_workers,
         } => http_mode(shape, server_workers),
+        Mode::QueueBind {
+            exchange,
+            queue,
+            expires_secs,
+            amqp_uri,
+        } => {
+            check_loopback_amqp(&amqp_uri)?;
+            let rt = client::runtime(1)?;
+            rt.block_on(async {
+                let (conn, channel) = amqp::connect(&amqp_uri, "loadgen-queue").await?;
+                amqp::declare_exchange(&channel, &exchange).await?;
+                amqp::lasting_counting_queue(
+                    &channel,
+                    &exchange,
+                    &queue,
+                    Duration::from_secs(expires_secs),
+                )
+                .await?;
+                let _ = conn.close(200, "done".into()).await;
+                anyhow::Ok(())
+            })
+        }
+        Mode::QueueCount {
+            queue,
+            expect,
+            within_secs,
+            amqp_uri,
+        } => {
+            check_loopback_amqp(&amqp_uri)?;
+            let rt = client::runtime(1)?;
+            rt.block_on(async {
+                let (conn, channel) = amqp::connect(&amqp_uri, "loadgen-queue").await?;
+                let delivered = amqp::settle(
+                    &channel,
+                    &queue,
+                    expect,
+                    Duration::from_millis(500),
+                    Duration::from_secs(within_secs),
+                )
+                .await?;
+                amqp::delete_queue(&channel, &queue).await;
+                let _ = conn.close(200, "done".into()).await;
+                println!("RESULT mode=queue delivered={delivered}");
+                anyhow::Ok(())
+            })
+        }
         Mode::FreePort { count } => {
             let listeners: Vec<std::net::TcpListener> = (0..count)
                 .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
