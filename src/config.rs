@@ -30,6 +30,7 @@ const LIST_KEYS: &[&str] = &[
     "amqp.uri",
     "api.tokens",
     "api.token_files",
+    "redis.urls",
 ];
 
 /// Values that differ when the relay runs with no file at all: a laptop demo
@@ -445,17 +446,99 @@ impl DedupSettings {
     }
 }
 
+/// How the relay finds its Redis (SPEC 11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    /// One server at `redis.url`.
+    Standalone,
+    /// Redis Cluster; `redis.urls` lists seed nodes.
+    Cluster,
+    /// A master watched by Sentinel; `redis.urls` lists the sentinels.
+    Sentinel,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisSettings {
+    pub mode: RedisMode,
+    /// The server in standalone mode.
     pub url: String,
+    /// Cluster seed nodes, or the sentinels (cluster and sentinel modes).
+    pub urls: Vec<String>,
+    /// The master name the sentinels monitor (sentinel mode).
+    pub sentinel_service: String,
 }
 
 impl Default for RedisSettings {
     fn default() -> Self {
         Self {
+            mode: RedisMode::Standalone,
             url: "redis://127.0.0.1:6379".into(),
+            urls: Vec::new(),
+            sentinel_service: String::new(),
         }
+    }
+}
+
+impl RedisSettings {
+    /// Checks the mode's own keys; only called when the Redis backend is in
+    /// use, so a memory-backed relay never needs a Redis URL.
+    fn validate(&self) -> Result<(), ConfigError> {
+        match self.mode {
+            RedisMode::Standalone => {
+                if !(self.url.starts_with("redis://")
+                    || self.url.starts_with("rediss://")
+                    || self.url.starts_with("unix://"))
+                {
+                    return Err(ConfigError::new(
+                        "redis.url",
+                        "must start with redis://, rediss:// or unix://",
+                    ));
+                }
+                if redis::Client::open(self.url.as_str()).is_err() {
+                    return Err(ConfigError::new("redis.url", "is not a valid Redis URL"));
+                }
+            }
+            RedisMode::Cluster | RedisMode::Sentinel => {
+                let what = if self.mode == RedisMode::Cluster {
+                    "cluster seed node"
+                } else {
+                    "sentinel"
+                };
+                if self.urls.is_empty() {
+                    return Err(ConfigError::new(
+                        "redis.urls",
+                        format!("must list at least one {what} in this redis.mode"),
+                    ));
+                }
+                for url in &self.urls {
+                    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                        return Err(ConfigError::new(
+                            "redis.urls",
+                            "every URL must start with redis:// or rediss://",
+                        ));
+                    }
+                    if redis::Client::open(url.as_str()).is_err() {
+                        return Err(ConfigError::new(
+                            "redis.urls",
+                            format!("`{}` is not a valid Redis URL", redact_url_password(url)),
+                        ));
+                    }
+                }
+                if self.mode == RedisMode::Sentinel && self.sentinel_service.trim().is_empty() {
+                    return Err(ConfigError::new(
+                        "redis.sentinel_service",
+                        "must name the master the sentinels monitor in redis.mode = \"sentinel\"",
+                    ));
+                }
+                // The crate's own checks (one TLS mode, one password for all
+                // seed nodes), run here so they exit 64 naming the key.
+                crate::redis_conn::RedisConnections::check(self)
+                    .map_err(|e| ConfigError::new("redis.urls", e.to_string()))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -764,19 +847,8 @@ impl Settings {
                 "must be greater than 0 and below dedup.ttl_secs",
             ));
         }
-        let needs_redis = self.dedup.backend == DedupBackend::Redis;
-        if needs_redis
-            && !(self.redis.url.starts_with("redis://")
-                || self.redis.url.starts_with("rediss://")
-                || self.redis.url.starts_with("unix://"))
-        {
-            return Err(ConfigError::new(
-                "redis.url",
-                "must start with redis://, rediss:// or unix://",
-            ));
-        }
-        if needs_redis && redis::Client::open(self.redis.url.as_str()).is_err() {
-            return Err(ConfigError::new("redis.url", "is not a valid Redis URL"));
+        if self.dedup.backend == DedupBackend::Redis {
+            self.redis.validate()?;
         }
         let uris = self.amqp.uris();
         if uris.is_empty() {
@@ -908,6 +980,12 @@ impl Settings {
             .collect();
         copy.redis.url = redact_url_password(&copy.redis.url);
         crate::api::settings::redact(&mut copy.api, &mut copy.sendtalk, REDACTED);
+        copy.redis.urls = copy
+            .redis
+            .urls
+            .iter()
+            .map(|u| redact_url_password(u))
+            .collect();
         copy.auth.header = Some(self.auth.header().to_string());
         copy.amqp.uri = OneOrMany::Many(
             copy.amqp
@@ -1213,14 +1291,85 @@ mod tests {
                     "amqp://user:brokerpw@h:5672/%2f",
                 ),
                 ("SENDTALK_RELAY__REDIS__URL", "redis://:redispw@h:6379"),
+                (
+                    "SENDTALK_RELAY__REDIS__URLS",
+                    "redis://:seedpw1@a:7000,rediss://u:seedpw2@b:7001",
+                ),
             ]),
         )
         .unwrap();
         let out = s.redacted_toml();
-        for secret in ["topsecret1", "brokerpw", "redispw"] {
+        for secret in ["topsecret1", "brokerpw", "redispw", "seedpw1", "seedpw2"] {
             assert!(!out.contains(secret), "{out}");
         }
         assert!(out.contains("<redacted>"));
         let _: toml::Value = toml::from_str(&out).unwrap();
+    }
+
+    #[test]
+    fn redis_modes_are_validated_naming_the_key() {
+        let redis = ("SENDTALK_RELAY__DEDUP__BACKEND", "redis");
+        let cases: [(&[(&str, &str)], &str); 6] = [
+            (&[("SENDTALK_RELAY__REDIS__MODE", "ring")], "redis.mode"),
+            (
+                &[redis, ("SENDTALK_RELAY__REDIS__MODE", "cluster")],
+                "redis.urls",
+            ),
+            (
+                &[redis, ("SENDTALK_RELAY__REDIS__MODE", "sentinel")],
+                "redis.urls",
+            ),
+            (
+                &[
+                    redis,
+                    ("SENDTALK_RELAY__REDIS__MODE", "sentinel"),
+                    ("SENDTALK_RELAY__REDIS__URLS", "redis://s1:26379"),
+                ],
+                "redis.sentinel_service",
+            ),
+            (
+                &[
+                    redis,
+                    ("SENDTALK_RELAY__REDIS__MODE", "cluster"),
+                    (
+                        "SENDTALK_RELAY__REDIS__URLS",
+                        "redis://a:7000,http://b:7001",
+                    ),
+                ],
+                "redis.urls",
+            ),
+            (
+                &[
+                    redis,
+                    ("SENDTALK_RELAY__REDIS__MODE", "cluster"),
+                    (
+                        "SENDTALK_RELAY__REDIS__URLS",
+                        "redis://a:7000,rediss://b:7001",
+                    ),
+                ],
+                "redis.urls",
+            ),
+        ];
+        for (pairs, key) in cases {
+            let err = Settings::load(None, env(pairs)).unwrap_err();
+            assert_eq!(err.key, key, "{pairs:?}: {err}");
+        }
+        let s = Settings::load(
+            None,
+            env(&[
+                redis,
+                ("SENDTALK_RELAY__REDIS__MODE", "sentinel"),
+                (
+                    "SENDTALK_RELAY__REDIS__URLS",
+                    "redis://s1:26379, redis://s2:26379",
+                ),
+                ("SENDTALK_RELAY__REDIS__SENTINEL_SERVICE", "relay"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.redis.mode, RedisMode::Sentinel);
+        assert_eq!(s.redis.urls.len(), 2);
+        // The memory backend needs no Redis, whatever the mode says.
+        Settings::load(None, env(&[("SENDTALK_RELAY__REDIS__MODE", "cluster")])).unwrap();
     }
 }

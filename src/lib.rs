@@ -14,6 +14,8 @@
 //! - [`auth`]: signature / secret verification of the raw body; pure.
 //! - [`payload`]: `VerificationEvent` and its field newtypes; pure.
 //! - [`dedup`]: claim / commit / release against Redis or memory.
+//! - [`redis_conn`]: Redis connections per `redis.mode` (standalone,
+//!   cluster, sentinel).
 //! - [`message`]: the event record the publisher, the sink and the spool carry.
 //! - [`publish`]: RabbitMQ publisher (a channel per in-flight publish, confirms,
 //!   blocked-connection handling, reconnection); stdout sink.
@@ -40,6 +42,7 @@ pub mod metrics;
 pub mod payload;
 pub mod publish;
 pub mod ratelimit;
+pub mod redis_conn;
 pub mod routes;
 pub mod shutdown;
 pub mod spool;

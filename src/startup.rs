@@ -135,7 +135,7 @@ impl Application {
         let dedup = match settings.dedup.backend {
             DedupBackend::Memory => Dedup::Memory(MemoryDedup::new(policy)),
             DedupBackend::Redis => Dedup::Redis(Box::new(
-                RedisDedup::new(&settings.redis.url, policy)
+                RedisDedup::new(&settings.redis, policy)
                     .context("Failed to create the Redis client")?,
             )),
         };
@@ -444,7 +444,7 @@ fn build_lifecycle(
     let store = match settings.dedup.backend {
         DedupBackend::Memory => Store::Memory(MemoryStore::new(policy)),
         DedupBackend::Redis => Store::Redis(
-            RedisStore::new(&settings.redis.url, policy)
+            RedisStore::new(&settings.redis, policy)
                 .context("Failed to create the Redis client of the lifecycle store")?,
         ),
     };

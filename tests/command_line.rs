@@ -426,3 +426,80 @@ fn an_unreadable_tls_certificate_or_key_exits_64_before_binding() {
     assert!(!err.contains("listening"), "nothing was bound: {err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// SPEC 11: the Redis mode's own keys are checked (exit 64 naming the key,
+/// for `serve` and `check-config` alike) and `redis.urls` passwords are
+/// redacted like `redis.url`'s.
+#[test]
+fn redis_cluster_and_sentinel_settings_are_validated_and_their_urls_redacted() {
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml");
+    let run = |command: Option<&str>, vars: &[(&str, &str)]| {
+        let mut cmd = relay();
+        if let Some(command) = command {
+            cmd.arg(command);
+        }
+        cmd.args(["--config", config])
+            .env("SENDTALK_RELAY__AUTH__SECRETS", "s3cret")
+            .env("SENDTALK_RELAY__HTTP__LISTEN", "127.0.0.1:0")
+            .env("SENDTALK_RELAY__ADMIN__LISTEN", "127.0.0.1:0");
+        for (k, v) in vars {
+            cmd.env(format!("SENDTALK_RELAY__{k}"), v);
+        }
+        cmd.output().unwrap()
+    };
+    let cases: [(&[(&str, &str)], &str); 5] = [
+        (&[("REDIS__MODE", "shards")], "redis.mode"),
+        (&[("REDIS__MODE", "cluster")], "redis.urls"),
+        (
+            &[
+                ("REDIS__MODE", "cluster"),
+                ("REDIS__URLS", "redis://a:7000,tcp://b:7001"),
+            ],
+            "redis.urls",
+        ),
+        (&[("REDIS__MODE", "sentinel")], "redis.urls"),
+        (
+            &[
+                ("REDIS__MODE", "sentinel"),
+                ("REDIS__URLS", "redis://s1:26379,redis://s2:26379"),
+            ],
+            "redis.sentinel_service",
+        ),
+    ];
+    for (vars, key) in cases {
+        for command in [None, Some("check-config")] {
+            let out = run(command, vars);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(64), "{command:?} {vars:?}: {err}");
+            assert!(err.contains(key), "{command:?} {vars:?}: {err}");
+        }
+    }
+    let out = run(
+        Some("check-config"),
+        &[
+            ("REDIS__MODE", "sentinel"),
+            (
+                "REDIS__URLS",
+                "redis://:sentinel-pass@s1:26379,rediss://u:other-pass@s2:26379",
+            ),
+            ("REDIS__SENTINEL_SERVICE", "relay-master"),
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !text.contains("sentinel-pass") && !text.contains("other-pass"),
+        "{text}"
+    );
+    let parsed: toml::Value = toml::from_str(&text).unwrap();
+    assert_eq!(parsed["redis"]["mode"].as_str(), Some("sentinel"));
+    assert_eq!(
+        parsed["redis"]["urls"][1].as_str(),
+        Some("rediss://u:<redacted>@s2:26379")
+    );
+}

@@ -553,6 +553,7 @@ async fn a_stored_504_is_replayed_as_504_without_calling_sendtalk_again() {
 #[tokio::test]
 async fn two_replicas_publish_exactly_one_expired_event_per_unverified_verification() {
     use sendtalk_relay::api::store::{Record, RedisStore, Store, StorePolicy};
+    use sendtalk_relay::config::RedisSettings;
     let stub = stub(Duration::ZERO).await;
     let exchange = unique("test.sendtalk");
     let prefix = format!("{}:", unique("test-relay"));
@@ -571,7 +572,10 @@ async fn two_replicas_publish_exactly_one_expired_event_per_unverified_verificat
     // (expiryMinutes cannot go below one minute).
     let store = Store::Redis(
         RedisStore::new(
-            REDIS_URL,
+            &RedisSettings {
+                url: REDIS_URL.into(),
+                ..Default::default()
+            },
             StorePolicy {
                 key_prefix: prefix.clone(),
                 ttl: Duration::from_secs(600),
@@ -780,13 +784,17 @@ async fn other_methods_and_paths_get_json_405_and_404() {
 async fn an_expiry_claimed_by_a_replica_that_died_is_published_by_another_and_a_late_webhook_still_verifies(
 ) {
     use sendtalk_relay::api::store::{ExpiryClaim, Record, RedisStore, Store, StorePolicy};
+    use sendtalk_relay::config::RedisSettings;
     let stub = stub(Duration::ZERO).await;
     let prefix = format!("{}:", unique("test-relay"));
     let mut options = api_options(&stub.url).env("API__EXPIRY_CHECK_SECS", "1");
     options.key_prefix = Some(prefix.clone());
     let store = Store::Redis(
         RedisStore::new(
-            REDIS_URL,
+            &RedisSettings {
+                url: REDIS_URL.into(),
+                ..Default::default()
+            },
             StorePolicy {
                 key_prefix: prefix.clone(),
                 ttl: Duration::from_secs(600),

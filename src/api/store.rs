@@ -19,10 +19,11 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
-use crate::dedup::{REDIS_CONNECT_TIMEOUT, REDIS_OP_MAX, REDIS_RESPONSE_TIMEOUT};
+use crate::config::RedisSettings;
+use crate::dedup::REDIS_OP_MAX;
+use crate::redis_conn::RedisConnections;
 
 /// Where a verification is in its lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -302,6 +303,8 @@ if st ~= 'pending' then return 0 end
 local exp = tonumber(redis.call('HGET', KEYS[1], 'expiresAt') or '0')
 local now = tonumber(ARGV[1])
 if exp > now then return 1 end
+-- Our own lease (a retried call after a lost answer) is still ours.
+if redis.call('HGET', KEYS[1], 'lease') == ARGV[2] then return 3 end
 local held = tonumber(redis.call('HGET', KEYS[1], 'leaseUntil') or '0')
 if held > now then return 2 end
 redis.call('HSET', KEYS[1], 'lease', ARGV[2], 'leaseUntil', ARGV[3])
@@ -344,9 +347,11 @@ if v then return v end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return false";
 
-/// Redis-backed store, shared by every replica.
+/// Redis-backed store, shared by every replica, in any `redis.mode`.
 pub struct RedisStore {
-    conn: ConnectionManager,
+    /// The same kind of connections as the dedup store (SPEC 11); every
+    /// script here touches one key, so each works on a cluster.
+    redis: RedisConnections,
     policy: StorePolicy,
     claim_expiry: redis::Script,
     finish_expiry: redis::Script,
@@ -358,15 +363,9 @@ pub struct RedisStore {
 impl RedisStore {
     /// Builds the client without connecting: the API answers 503 while
     /// Redis is down rather than refusing to start.
-    pub fn new(url: &str, policy: StorePolicy) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT))
-            .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(2));
+    pub fn new(settings: &RedisSettings, policy: StorePolicy) -> Result<Self, StoreError> {
         Ok(Self {
-            conn: ConnectionManager::new_lazy_with_config(client, config)?,
+            redis: RedisConnections::new(settings)?,
             policy,
             claim_expiry: redis::Script::new(CLAIM_EXPIRY_SCRIPT),
             finish_expiry: redis::Script::new(FINISH_EXPIRY_SCRIPT),
@@ -385,9 +384,14 @@ impl RedisStore {
     fn idem_key(&self, key: &str) -> String {
         format!("{}idempotency {key}", self.policy.key_prefix)
     }
-    /// The webhook's dedup commit (SPEC 3): `{status, verifiedTime}` JSON.
+    /// The webhook's dedup commit (SPEC 3): `{status, verifiedTime}` JSON;
+    /// hash-tagged in cluster mode, like `dedup.rs` names it.
     fn dedup_key(&self, id: &str) -> String {
-        format!("{}{id}", self.policy.key_prefix)
+        if self.redis.is_cluster() {
+            format!("{}{{{id}}}", self.policy.key_prefix)
+        } else {
+            format!("{}{id}", self.policy.key_prefix)
+        }
     }
 
     /// Bounds one operation like the dedup store does.
@@ -412,7 +416,6 @@ impl RedisStore {
     }
 
     async fn create_pending(&self, record: &Record) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
         let key = self.record_key(&record.id);
         let ttl = self.record_ttl_secs(record, now_ms());
         let mut pipe = redis::pipe();
@@ -421,26 +424,31 @@ impl RedisStore {
             .ignore()
             .expire(&key, i64::try_from(ttl).unwrap_or(i64::MAX))
             .ignore();
-        self.bounded(pipe.query_async::<()>(&mut conn)).await?;
+        let write = async {
+            let mut conn = self.redis.get().await?;
+            pipe.query_async::<()>(&mut conn).await.inspect_err(|e| {
+                self.redis.after_error(e);
+            })
+        };
+        self.bounded(write).await?;
         // A separate command: the index lives in another slot in a cluster.
         let score = record.expires_at_ms.unwrap_or(0);
         self.bounded(
-            redis::cmd("ZADD")
-                .arg(self.index_key())
-                .arg(score)
-                .arg(&record.id)
-                .query_async::<()>(&mut conn),
+            self.redis.query(
+                redis::cmd("ZADD")
+                    .arg(self.index_key())
+                    .arg(score)
+                    .arg(&record.id),
+            ),
         )
         .await
     }
 
     async fn get(&self, id: &str) -> Result<Option<Record>, StoreError> {
-        let mut conn = self.conn.clone();
         let fields: HashMap<String, String> = self
             .bounded(
-                redis::cmd("HGETALL")
-                    .arg(self.record_key(id))
-                    .query_async(&mut conn),
+                self.redis
+                    .query(redis::cmd("HGETALL").arg(self.record_key(id))),
             )
             .await?;
         if !fields.is_empty() {
@@ -449,11 +457,7 @@ impl RedisStore {
                 .ok_or_else(|| StoreError::Corrupt(format!("record of {id}")));
         }
         let committed: Option<String> = self
-            .bounded(
-                redis::cmd("GET")
-                    .arg(self.dedup_key(id))
-                    .query_async(&mut conn),
-            )
+            .bounded(self.redis.query(redis::cmd("GET").arg(self.dedup_key(id))))
             .await?;
         Ok(committed.and_then(|v| from_dedup_commit(id, &v)))
     }
@@ -464,16 +468,16 @@ impl RedisStore {
         user_phone: &str,
         verified_time_ms: u64,
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
         let was_pending = self
             .bounded(
-                self.mark_verified
-                    .key(self.record_key(id))
-                    .arg(id)
-                    .arg(user_phone)
-                    .arg(verified_time_ms)
-                    .arg(self.policy.ttl.as_secs())
-                    .invoke_async::<i64>(&mut conn),
+                self.redis.invoke::<i64>(
+                    self.mark_verified
+                        .key(self.record_key(id))
+                        .arg(id)
+                        .arg(user_phone)
+                        .arg(verified_time_ms)
+                        .arg(self.policy.ttl.as_secs()),
+                ),
             )
             .await?;
         // Only a pending record is indexed: the common webhook-only id
@@ -485,30 +489,30 @@ impl RedisStore {
     }
 
     async fn created_phone(&self, id: &str) -> Result<Option<String>, StoreError> {
-        let mut conn = self.conn.clone();
         let (phone, created): (Option<String>, Option<String>) = self
             .bounded(
-                redis::cmd("HMGET")
-                    .arg(self.record_key(id))
-                    .arg("userPhone")
-                    .arg("createdAt")
-                    .query_async(&mut conn),
+                self.redis.query(
+                    redis::cmd("HMGET")
+                        .arg(self.record_key(id))
+                        .arg("userPhone")
+                        .arg("createdAt"),
+                ),
             )
             .await?;
         Ok(phone.filter(|_| created.is_some()))
     }
 
     async fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<String>, StoreError> {
-        let mut conn = self.conn.clone();
         self.bounded(
-            redis::cmd("ZRANGEBYSCORE")
-                .arg(self.index_key())
-                .arg("-inf")
-                .arg(now_ms)
-                .arg("LIMIT")
-                .arg(0)
-                .arg(limit)
-                .query_async(&mut conn),
+            self.redis.query(
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(self.index_key())
+                    .arg("-inf")
+                    .arg(now_ms)
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit),
+            ),
         )
         .await
     }
@@ -520,15 +524,15 @@ impl RedisStore {
         lease: Duration,
         token: &str,
     ) -> Result<ExpiryClaim, StoreError> {
-        let mut conn = self.conn.clone();
         let code: i64 = self
             .bounded(
-                self.claim_expiry
-                    .key(self.record_key(id))
-                    .arg(now_ms)
-                    .arg(token)
-                    .arg(now_ms + ttl_ms(lease))
-                    .invoke_async(&mut conn),
+                self.redis.invoke(
+                    self.claim_expiry
+                        .key(self.record_key(id))
+                        .arg(now_ms)
+                        .arg(token)
+                        .arg(now_ms + ttl_ms(lease)),
+                ),
             )
             .await?;
         match code {
@@ -546,43 +550,36 @@ impl RedisStore {
     }
 
     async fn unindex(&self, id: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
         self.bounded(
-            redis::cmd("ZREM")
-                .arg(self.index_key())
-                .arg(id)
-                .query_async::<()>(&mut conn),
+            self.redis
+                .query(redis::cmd("ZREM").arg(self.index_key()).arg(id)),
         )
         .await
     }
 
     async fn finish_expiry(&self, id: &str, token: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
         self.bounded(
-            self.finish_expiry
-                .key(self.record_key(id))
-                .arg(token)
-                .arg(self.policy.ttl.as_secs())
-                .invoke_async::<i64>(&mut conn),
+            self.redis.invoke::<i64>(
+                self.finish_expiry
+                    .key(self.record_key(id))
+                    .arg(token)
+                    .arg(self.policy.ttl.as_secs()),
+            ),
         )
         .await?;
         self.unindex(id).await
     }
 
     async fn release_expiry(&self, id: &str, token: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
         self.bounded(
-            self.release_expiry
-                .key(self.record_key(id))
-                .arg(token)
-                .invoke_async::<i64>(&mut conn),
+            self.redis
+                .invoke::<i64>(self.release_expiry.key(self.record_key(id)).arg(token)),
         )
         .await?;
         Ok(())
     }
 
     async fn idem_begin(&self, key: &str, fingerprint: &str) -> Result<IdemBegin, StoreError> {
-        let mut conn = self.conn.clone();
         let running = IdemValue {
             fingerprint: fingerprint.to_string(),
             answer: None,
@@ -591,11 +588,12 @@ impl RedisStore {
             serde_json::to_string(&running).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let existing: Option<String> = self
             .bounded(
-                self.idem_begin
-                    .key(self.idem_key(key))
-                    .arg(marker)
-                    .arg(ttl_ms(self.policy.running_ttl))
-                    .invoke_async(&mut conn),
+                self.redis.invoke(
+                    self.idem_begin
+                        .key(self.idem_key(key))
+                        .arg(marker)
+                        .arg(ttl_ms(self.policy.running_ttl)),
+                ),
             )
             .await?;
         match existing {
@@ -614,19 +612,19 @@ impl RedisStore {
         fingerprint: &str,
         answer: &StoredAnswer,
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
         let value = serde_json::to_string(&IdemValue {
             fingerprint: fingerprint.to_string(),
             answer: Some(answer.clone()),
         })
         .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.bounded(
-            redis::cmd("SET")
-                .arg(self.idem_key(key))
-                .arg(value)
-                .arg("EX")
-                .arg(self.policy.idempotency_ttl.as_secs())
-                .query_async::<()>(&mut conn),
+            self.redis.query(
+                redis::cmd("SET")
+                    .arg(self.idem_key(key))
+                    .arg(value)
+                    .arg("EX")
+                    .arg(self.policy.idempotency_ttl.as_secs()),
+            ),
         )
         .await
     }

@@ -292,6 +292,7 @@ impl AmqpPublisher {
     async fn watch(&self, link: &Link, shutdown: &CancellationToken) {
         let timeout = self.inner.settings.confirm_timeout();
         let mut blocked = link.blocked_changes();
+        let mut was_blocked = false;
         loop {
             tokio::select! {
                 () = tokio::time::sleep(HEALTH_POLL) => {}
@@ -314,7 +315,17 @@ impl AmqpPublisher {
             let is_blocked = link.is_blocked();
             self.set_connected(!is_blocked);
             if is_blocked {
+                was_blocked = true;
                 continue;
+            }
+            if was_blocked {
+                // The silence of the block does not count: the confirms the
+                // broker held back are on their way now.
+                was_blocked = false;
+                self.inner.timeouts_since_ack.store(0, Ordering::Relaxed);
+                self.inner
+                    .last_ack_ms
+                    .store(self.millis_since_epoch(), Ordering::Relaxed);
             }
             let last = self.inner.last_ack_ms.load(Ordering::Relaxed);
             let silent_for = Duration::from_millis(self.millis_since_epoch().saturating_sub(last));

@@ -7,8 +7,10 @@
 // Test support panics on purpose: a failed set-up is a failed test.
 #![allow(clippy::unwrap_used)]
 
+pub mod failover;
 pub mod proxy;
 pub mod rabbit_node;
+pub mod redis_nodes;
 pub mod tmpfs;
 
 use std::collections::HashMap;
