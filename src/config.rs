@@ -28,6 +28,8 @@ const LIST_KEYS: &[&str] = &[
     "auth.secret_files",
     "webhook.accepted_statuses",
     "amqp.uri",
+    "api.tokens",
+    "api.token_files",
     "redis.urls",
 ];
 
@@ -68,7 +70,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             key: key.into(),
             message: message.into(),
@@ -109,6 +111,11 @@ pub struct Settings {
     pub log: LogSettings,
     #[serde(default)]
     pub shutdown: ShutdownSettings,
+    /// The lifecycle API (SPEC 9); its own module owns these sections.
+    #[serde(default)]
+    pub api: crate::api::settings::ApiSettings,
+    #[serde(default)]
+    pub sendtalk: crate::api::settings::SendTalkSettings,
     /// Secrets resolved from `auth.secrets` and `auth.secret_files`; filled by
     /// [`Settings::load`], never serialised.
     #[serde(skip)]
@@ -744,6 +751,8 @@ impl Settings {
         settings.embedded = embedded;
         settings.validate()?;
         settings.resolve_secrets()?;
+        let taken = [settings.http.listen, settings.admin.listen];
+        crate::api::settings::check(&mut settings.api, &mut settings.sendtalk, &taken)?;
         Ok(settings)
     }
 
@@ -970,6 +979,7 @@ impl Settings {
             .map(|_| REDACTED.to_string())
             .collect();
         copy.redis.url = redact_url_password(&copy.redis.url);
+        crate::api::settings::redact(&mut copy.api, &mut copy.sendtalk, REDACTED);
         copy.redis.urls = copy
             .redis
             .urls
@@ -1093,6 +1103,8 @@ pub fn default_keys() -> BTreeMap<String, String> {
         spool: SpoolSettings::default(),
         log: LogSettings::default(),
         shutdown: ShutdownSettings::default(),
+        api: Default::default(),
+        sendtalk: Default::default(),
         resolved_secrets: Vec::new(),
         embedded: false,
         using_dev_secret: false,

@@ -27,11 +27,16 @@
 //! - [`startup`]: the only place that creates clients and binds sockets.
 //! - [`shutdown`]: signal handling.
 //! - [`cli`]: the `sign` and `send-test` helpers of the command line.
+//! - [`durable`]: publish with confirm or spool: one function for every event.
+//! - [`api`]: the verification lifecycle API (SPEC 9), its SendTalk client,
+//!   store, expiry sweeper and OpenAPI document.
 
+pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod dedup;
+pub mod durable;
 pub mod message;
 pub mod metrics;
 pub mod payload;

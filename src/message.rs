@@ -14,6 +14,9 @@ pub enum DedupMark {
     Checked,
     /// The dedup store was unavailable (`dedup.on_unavailable = "publish"`).
     Skipped,
+    /// A lifecycle event (`pending`, `expired`: SPEC 9.3): no dedup ran, and
+    /// the message carries no `x-dedup` header.
+    Omitted,
 }
 
 impl DedupMark {
@@ -22,6 +25,15 @@ impl DedupMark {
         match self {
             DedupMark::Checked => "checked",
             DedupMark::Skipped => "skipped",
+            DedupMark::Omitted => "",
+        }
+    }
+
+    /// The `x-dedup` header value, `None` when the header is left out.
+    pub fn header(self) -> Option<&'static str> {
+        match self {
+            DedupMark::Omitted => None,
+            other => Some(other.as_str()),
         }
     }
 }
@@ -43,9 +55,22 @@ pub struct Envelope {
     pub received_at_ms: u64,
     /// The `x-dedup` header.
     pub dedup: DedupMark,
+    /// The `x-verification-id` header; `None` in entries spooled before it
+    /// existed, which then fall back to `message_id` (the id itself).
+    #[serde(default)]
+    pub verification_id: Option<String>,
+    /// The `x-phone-match` header: set only on a verified message whose id
+    /// was created through the lifecycle API (SPEC 9.3).
+    #[serde(default)]
+    pub phone_match: Option<bool>,
 }
 
 impl Envelope {
+    /// `x-verification-id`: every message carries it (SPEC 9.3).
+    pub fn verification_id(&self) -> &str {
+        self.verification_id.as_deref().unwrap_or(&self.message_id)
+    }
+
     /// `x-received-at`: RFC 3339 with milliseconds, UTC.
     pub fn received_at_rfc3339(&self) -> String {
         let nanos = i128::from(self.received_at_ms) * 1_000_000;
@@ -96,6 +121,8 @@ pub(crate) mod tests {
             request_id: "r".into(),
             received_at_ms: 1_692_847_205_385,
             dedup: DedupMark::Checked,
+            verification_id: None,
+            phone_match: None,
         }
     }
 

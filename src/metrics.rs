@@ -117,6 +117,12 @@ pub struct Metrics {
     pub unroutable: IntCounter,
     pub spool_errors: IntCounter,
     pub rate_limited: IntCounter,
+    // Lifecycle API (SPEC 9).
+    api_requests: IntCounterVec,
+    pub sendtalk_requests: IntCounterVec,
+    pub sendtalk_duration: Histogram,
+    pub verifications_expired: IntCounter,
+    pub phone_mismatch: IntCounter,
     stage_duration: HistogramVec,
     stages: StageHistograms,
 }
@@ -183,6 +189,32 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
 
+        let api_requests = IntCounterVec::new(
+            opts(
+                "api_requests_total",
+                "Lifecycle API requests, by endpoint (create, status) and outcome (created, replayed, ok or the error code).",
+            ),
+            &["endpoint", "outcome"],
+        )
+        .expect("static metric definition is valid");
+        let sendtalk_requests = IntCounterVec::new(
+            opts(
+                "sendtalk_requests_total",
+                "Calls to SendTalk's create API, by outcome.",
+            ),
+            &["outcome"],
+        )
+        .expect("static metric definition is valid");
+        for (endpoint, outcome) in [("create", "created"), ("status", "ok")] {
+            api_requests.with_label_values(&[endpoint, outcome]);
+        }
+        sendtalk_requests.with_label_values(&["created"]);
+        let sendtalk_duration = Histogram::with_opts(hist(
+            "sendtalk_request_duration_seconds",
+            "Time of one call to SendTalk's create API.",
+        ))
+        .expect("static metric definition is valid");
+
         let metrics = Self {
             webhooks,
             request_duration,
@@ -220,6 +252,17 @@ impl Metrics {
                 "rate_limited_total",
                 "Requests refused with 429 by the per-client rate limit (not in webhooks_total).",
             ),
+            api_requests,
+            sendtalk_requests,
+            sendtalk_duration,
+            verifications_expired: counter(
+                "verifications_expired_total",
+                "Pending verifications whose expired event this replica published.",
+            ),
+            phone_mismatch: counter(
+                "phone_mismatch_total",
+                "Webhooks whose userPhone differs from the phone the verification was created for.",
+            ),
             stage_duration,
             stages,
             registry,
@@ -237,6 +280,11 @@ impl Metrics {
             Box::new(metrics.unroutable.clone()),
             Box::new(metrics.spool_errors.clone()),
             Box::new(metrics.rate_limited.clone()),
+            Box::new(metrics.api_requests.clone()),
+            Box::new(metrics.sendtalk_requests.clone()),
+            Box::new(metrics.sendtalk_duration.clone()),
+            Box::new(metrics.verifications_expired.clone()),
+            Box::new(metrics.phone_mismatch.clone()),
             Box::new(metrics.stage_duration.clone()),
             Box::new(build_info),
         ];
@@ -265,6 +313,21 @@ impl Metrics {
             bytes: self.spool_bytes.clone(),
             errors: self.spool_errors.clone(),
         }
+    }
+
+    /// The handles the SendTalk client writes.
+    pub fn sendtalk(&self) -> crate::api::sendtalk::SendTalkMetrics {
+        crate::api::sendtalk::SendTalkMetrics {
+            requests: self.sendtalk_requests.clone(),
+            duration: self.sendtalk_duration.clone(),
+        }
+    }
+
+    /// Counts one lifecycle API request.
+    pub fn api_request(&self, endpoint: &str, outcome: &str) {
+        self.api_requests
+            .with_label_values(&[endpoint, outcome])
+            .inc();
     }
 
     /// Records `elapsed` for one webhook in `stage`.
@@ -318,6 +381,9 @@ mod tests {
             "sendtalk_relay_unroutable_total",
             "sendtalk_relay_spool_errors_total",
             "sendtalk_relay_build_info{version=",
+            "sendtalk_relay_sendtalk_request_duration_seconds_bucket",
+            "sendtalk_relay_verifications_expired_total",
+            "sendtalk_relay_phone_mismatch_total",
             "sendtalk_relay_stage_duration_seconds_bucket{stage=\"claim\"",
             "sendtalk_relay_stage_duration_seconds_bucket{stage=\"publish\"",
             "sendtalk_relay_stage_duration_seconds_bucket{stage=\"spool\"",

@@ -100,6 +100,10 @@ impl UserPhone {
             ))
         }
     }
+    /// The number itself; never for a log line (use [`Self::masked`]).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
     /// The number with its middle hidden, for logs: `6281****678`.
     pub fn masked(&self) -> String {
         crate::telemetry::mask_phone(&self.0)

@@ -47,6 +47,9 @@ pub struct Application {
     admin_addr: SocketAddr,
     webhook_server: ServerHandle,
     admin_server: ServerHandle,
+    /// The lifecycle API listener (SPEC 9), when `api.enabled`.
+    api_addr: Option<SocketAddr>,
+    api_server: Option<ServerHandle>,
     tasks: Vec<JoinHandle<()>>,
     servers: Vec<JoinHandle<std::io::Result<()>>>,
     /// Cancelled after the webhook listener has drained, so background work
@@ -137,6 +140,23 @@ impl Application {
             )),
         };
 
+        // Lifecycle API (SPEC 9): its clients, built only when enabled.
+        let lifecycle = if settings.api.enabled {
+            let lifecycle = Arc::new(build_lifecycle(
+                &settings,
+                sink.clone(),
+                spool.clone(),
+                &metrics,
+            )?);
+            tasks.push(tokio::spawn(crate::api::expiry::run(
+                lifecycle.clone(),
+                background.clone(),
+            )));
+            Some(lifecycle)
+        } else {
+            None
+        };
+
         let pipelines = TaskTracker::new();
         let relay = web::Data::new(Relay {
             verifier: Verifier::new(
@@ -164,6 +184,7 @@ impl Application {
             pipelines: pipelines.clone(),
             runtime: tokio::runtime::Handle::current(),
             unknown_scheme_log: UnknownSchemeLog::default(),
+            lifecycle: lifecycle.clone(),
         });
         if settings.dedup.backend == DedupBackend::Redis {
             tasks.push(tokio::spawn(ping_dedup(relay.clone(), background.clone())));
@@ -233,7 +254,16 @@ impl Application {
         .run();
 
         let handles = (webhook_server.handle(), admin_server.handle());
-        let servers = vec![tokio::spawn(webhook_server), tokio::spawn(admin_server)];
+        let mut servers = vec![tokio::spawn(webhook_server), tokio::spawn(admin_server)];
+        let (api_addr, api_server) = match lifecycle {
+            Some(lifecycle) => {
+                let (addr, server) = serve_api(&settings, lifecycle)?;
+                let handle = server.handle();
+                servers.push(tokio::spawn(server));
+                (Some(addr), Some(handle))
+            }
+            None => (None, None),
+        };
         tracing::info!(
             webhook = %webhook_addr,
             path = settings.http.webhook_path,
@@ -241,11 +271,14 @@ impl Application {
             auth_mode = settings.auth.mode.as_str(),
             sink = ?settings.sink,
             dedup = ?settings.dedup.backend,
+            api = ?api_addr,
             "sendtalk-relay listening"
         );
         Ok(Self {
             webhook_addr,
             admin_addr,
+            api_addr,
+            api_server,
             webhook_server: handles.0,
             admin_server: handles.1,
             tasks,
@@ -270,6 +303,11 @@ impl Application {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// The lifecycle API's address, when `api.enabled`.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api_addr
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -297,7 +335,12 @@ impl Application {
             "shutting down: readiness is 503, finishing in-flight webhooks"
         );
         let started = Instant::now();
-        self.webhook_server.stop(true).await;
+        let api_stopped = async {
+            if let Some(api) = &self.api_server {
+                api.stop(true).await;
+            }
+        };
+        futures_util::future::join(self.webhook_server.stop(true), api_stopped).await;
         if started.elapsed() >= self.grace {
             tracing::warn!(
                 grace_secs = self.grace.as_secs(),
@@ -378,4 +421,102 @@ async fn ping_dedup(relay: web::Data<Relay>, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
         }
     }
+}
+
+/// The lifecycle API's store, SendTalk client and shared handles.
+fn build_lifecycle(
+    settings: &Settings,
+    sink: Arc<Sink>,
+    spool: Option<Spool>,
+    metrics: &Metrics,
+) -> anyhow::Result<crate::api::Lifecycle> {
+    use crate::api::store::{MemoryStore, RedisStore, Store, StorePolicy};
+    /// SPEC 9.1: a stored idempotent answer is replayed for 24 hours.
+    const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
+    let policy = StorePolicy {
+        key_prefix: settings.dedup.key_prefix.clone(),
+        ttl: settings.dedup.ttl(),
+        idempotency_ttl: IDEMPOTENCY_TTL,
+        // Outlives one create: SendTalk's timeout, then storing and
+        // publishing the pending event in the worst case.
+        running_ttl: settings.sendtalk.timeout() + settings.worst_case_pipeline(),
+    };
+    let store = match settings.dedup.backend {
+        DedupBackend::Memory => Store::Memory(MemoryStore::new(policy)),
+        DedupBackend::Redis => Store::Redis(
+            RedisStore::new(&settings.redis, policy)
+                .context("Failed to create the Redis client of the lifecycle store")?,
+        ),
+    };
+    let api_key = settings
+        .sendtalk
+        .resolved_api_key
+        .clone()
+        .context("sendtalk.api_key is checked at load when api.enabled")?;
+    let sendtalk = crate::api::sendtalk::SendTalkClient::new(
+        &settings.sendtalk.base_url,
+        api_key,
+        settings.sendtalk.timeout(),
+        metrics.sendtalk(),
+    )
+    .context("Failed to create the SendTalk HTTP client")?;
+    Ok(crate::api::Lifecycle {
+        store,
+        sendtalk,
+        tokens: settings.api.resolved_tokens.clone(),
+        sink,
+        spool,
+        metrics: metrics.clone(),
+        default_language: settings.sendtalk.default_language.clone(),
+        default_expiry_minutes: settings.sendtalk.default_expiry_minutes,
+        expiry_lease: settings.dedup.lease(),
+        expiry_check: settings.api.expiry_check(),
+    })
+}
+
+/// Binds `api.listen` and serves the lifecycle API and its OpenAPI document.
+fn serve_api(
+    settings: &Settings,
+    lifecycle: Arc<crate::api::Lifecycle>,
+) -> anyhow::Result<(SocketAddr, Server)> {
+    use crate::api::{openapi, routes};
+    let listener = TcpListener::bind(settings.api.listen)
+        .with_context(|| format!("Failed to bind api.listen {}", settings.api.listen))?;
+    let addr = listener
+        .local_addr()
+        .context("Failed to read the API address")?;
+    let data = web::Data::from(lifecycle);
+    let document = web::Data::new(openapi::document(&settings.http.webhook_path));
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .app_data(document.clone())
+            .service(
+                web::resource("/v1/verifications")
+                    .route(web::post().to(routes::create))
+                    .default_service(web::to(routes::method_not_allowed)),
+            )
+            .service(
+                web::resource("/v1/verifications/{id}")
+                    .route(web::get().to(routes::status))
+                    .default_service(web::to(routes::method_not_allowed)),
+            )
+            .route(
+                "/openapi.json",
+                web::get().to(|doc: web::Data<String>| async move {
+                    actix_web::HttpResponse::Ok()
+                        .content_type("application/json")
+                        .body(doc.get_ref().clone())
+                }),
+            )
+            .default_service(web::to(routes::not_found))
+    })
+    .workers(2)
+    .listen(listener)
+    .context("Failed to listen on api.listen")?
+    .disable_signals()
+    .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
+    .shutdown_timeout(settings.shutdown.grace_secs)
+    .run();
+    Ok((addr, server))
 }

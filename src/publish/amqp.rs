@@ -387,10 +387,23 @@ fn properties(envelope: &Envelope) -> BasicProperties {
         "x-received-at".into(),
         AMQPValue::LongString(LongString::from(envelope.received_at_rfc3339())),
     );
+    if let Some(dedup) = envelope.dedup.header() {
+        headers.insert(
+            "x-dedup".into(),
+            AMQPValue::LongString(LongString::from(dedup)),
+        );
+    }
+    // Lifecycle headers (SPEC 9.3).
     headers.insert(
-        "x-dedup".into(),
-        AMQPValue::LongString(LongString::from(envelope.dedup.as_str())),
+        "x-verification-id".into(),
+        AMQPValue::LongString(LongString::from(envelope.verification_id())),
     );
+    if let Some(matched) = envelope.phone_match {
+        headers.insert(
+            "x-phone-match".into(),
+            AMQPValue::LongString(LongString::from(if matched { "true" } else { "false" })),
+        );
+    }
     BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
@@ -420,5 +433,27 @@ mod tests {
         );
         assert_eq!(*p.timestamp(), Some(1_692_847_205));
         assert_eq!(p.app_id().as_ref().unwrap().as_str(), "sendtalk-relay");
+    }
+
+    #[test]
+    fn lifecycle_headers_are_emitted_only_when_set() {
+        let header = |p: &BasicProperties, name: &str| {
+            p.headers()
+                .as_ref()
+                .and_then(|h| h.inner().get(name))
+                .and_then(crate::publish::header_text)
+        };
+        let mut e = envelope();
+        let p = properties(&e);
+        assert_eq!(header(&p, "x-verification-id").as_deref(), Some("x"));
+        assert_eq!(header(&p, "x-dedup").as_deref(), Some("checked"));
+        assert_eq!(header(&p, "x-phone-match"), None);
+        e.dedup = crate::message::DedupMark::Omitted;
+        e.verification_id = Some("v".into());
+        e.phone_match = Some(false);
+        let p = properties(&e);
+        assert_eq!(header(&p, "x-verification-id").as_deref(), Some("v"));
+        assert_eq!(header(&p, "x-dedup"), None);
+        assert_eq!(header(&p, "x-phone-match").as_deref(), Some("false"));
     }
 }

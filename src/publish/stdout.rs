@@ -25,15 +25,22 @@ impl StdoutSink {
         let body: serde_json::Value = serde_json::from_slice(&envelope.body).unwrap_or_else(|_| {
             serde_json::Value::String(String::from_utf8_lossy(&envelope.body).into_owned())
         });
+        let mut headers = serde_json::json!({
+            "x-request-id": envelope.request_id,
+            "x-received-at": envelope.received_at_rfc3339(),
+            "x-verification-id": envelope.verification_id(),
+        });
+        if let Some(dedup) = envelope.dedup.header() {
+            headers["x-dedup"] = dedup.into();
+        }
+        if let Some(matched) = envelope.phone_match {
+            headers["x-phone-match"] = matched.to_string().into();
+        }
         let line = serde_json::json!({
             "routing_key": render_routing_key(&self.routing_key, &envelope.status),
             "message_id": envelope.message_id,
             "type": envelope.message_type(),
-            "headers": {
-                "x-request-id": envelope.request_id,
-                "x-received-at": envelope.received_at_rfc3339(),
-                "x-dedup": envelope.dedup.as_str(),
-            },
+            "headers": headers,
             "body": body,
         });
         let mut out = std::io::stdout().lock();

@@ -23,7 +23,7 @@ use crate::metrics::{Metrics, Outcome, Stage};
 use crate::payload::{check_media_type, PayloadError, PayloadRules, VerificationEvent};
 use crate::publish::Sink;
 use crate::ratelimit::ClientLimits;
-use crate::spool::{Spool, Spooled};
+use crate::spool::Spool;
 
 /// A sender that trickles its body is cut off after this long; SendTalk
 /// sends ~150 bytes at once.
@@ -63,6 +63,8 @@ pub struct Relay {
     pub runtime: tokio::runtime::Handle,
     /// Rate-limits the header-name diagnostic of `missing_signature`.
     pub unknown_scheme_log: UnknownSchemeLog,
+    /// The lifecycle API's hooks (SPEC 9.3); `None` when `api.enabled` is off.
+    pub lifecycle: Option<Arc<crate::api::Lifecycle>>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -429,6 +431,15 @@ async fn handle(
         None => None,
     };
 
+    // Lifecycle API (SPEC 9.3): x-phone-match for an id created through it.
+    let phone_match = match &relay.lifecycle {
+        Some(lifecycle) => {
+            lifecycle
+                .phone_match(event.id.as_str(), event.user_phone.as_str())
+                .await
+        }
+        None => None,
+    };
     let envelope = Envelope {
         body: authed.bytes().clone(),
         message_id: event.id.as_str().to_string(),
@@ -440,6 +451,8 @@ async fn handle(
         } else {
             DedupMark::Skipped
         },
+        verification_id: Some(event.id.as_str().to_string()),
+        phone_match,
     };
     let accepted = match make_durable(relay, &envelope).await {
         Ok(accepted) => accepted,
@@ -454,6 +467,16 @@ async fn handle(
     };
     if let Some(token) = token {
         commit_after_answer(relay, &event, token, request_id);
+    }
+    // Lifecycle API (SPEC 9.2): the record turns verified once the event is safe.
+    if let Some(lifecycle) = &relay.lifecycle {
+        lifecycle
+            .record_verified(
+                event.id.as_str(),
+                event.user_phone.as_str(),
+                event.verified_time.millis(),
+            )
+            .await;
     }
     Ok(accepted)
 }
@@ -491,36 +514,21 @@ fn commit_after_answer(
     relay.pipelines.spawn_on(commit, &relay.runtime);
 }
 
-/// Publishes with confirm, or spools when the broker cannot take the event.
+/// Publishes with confirm, or spools when the broker cannot take the event
+/// (shared with the lifecycle API's events: [`crate::durable`]); the
+/// webhook's publish and spool stages are timed.
 async fn make_durable(relay: &Relay, envelope: &Envelope) -> Result<Accepted, RelayError> {
-    let publish_started = Instant::now();
-    let published = relay.sink.publish(envelope).await;
-    relay
-        .metrics
-        .stage(Stage::Publish, publish_started.elapsed());
-    let publish_error = match published {
-        Ok(()) => return Ok(Accepted::Published),
-        Err(e) => e,
-    };
-    let Some(spool) = &relay.spool else {
-        return Err(RelayError::Unavailable(format!(
-            "{publish_error}; spool disabled"
-        )));
-    };
-    let reason = publish_error.to_string();
-    let spool_started = Instant::now();
-    let appended = spool.append(envelope, Spooled::after(publish_error)).await;
-    relay.metrics.stage(Stage::Spool, spool_started.elapsed());
-    match appended {
-        Ok(()) => {
-            tracing::warn!(
-                request_id = envelope.request_id,
-                error = reason,
-                "broker could not take the event; spooled"
-            );
-            Ok(Accepted::Queued)
-        }
-        Err(spool_error) => Err(RelayError::Unavailable(format!("{reason}; {spool_error}"))),
+    match crate::durable::make_durable(
+        &relay.sink,
+        relay.spool.as_ref(),
+        envelope,
+        Some(&relay.metrics),
+    )
+    .await
+    {
+        Ok(crate::durable::Durable::Published) => Ok(Accepted::Published),
+        Ok(crate::durable::Durable::Queued) => Ok(Accepted::Queued),
+        Err(e) => Err(RelayError::Unavailable(e.0)),
     }
 }
 

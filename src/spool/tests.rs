@@ -18,6 +18,8 @@ fn envelope(id: &str) -> Envelope {
         request_id: "r".into(),
         received_at_ms: 1,
         dedup: DedupMark::Checked,
+        verification_id: None,
+        phone_match: None,
     }
 }
 

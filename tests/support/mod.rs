@@ -138,6 +138,8 @@ impl Options {
 pub struct TestApp {
     pub url: String,
     pub admin_url: String,
+    /// `http://<api.listen>` when the lifecycle API is enabled.
+    pub api_url: Option<String>,
     pub exchange: String,
     pub key_prefix: String,
     pub spool_dir: PathBuf,
@@ -205,6 +207,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
     let app = Application::build(settings).await.expect("app builds");
     let url = format!("http://{}{WEBHOOK_PATH}", app.webhook_addr());
     let admin_url = format!("http://{}", app.admin_addr());
+    let api_url = app.api_addr().map(|a| format!("http://{a}"));
     let app_metrics = app.metrics().clone();
     let spool = app.spool().cloned();
     let publisher = app.publisher().cloned();
@@ -213,6 +216,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
     TestApp {
         url,
         admin_url,
+        api_url,
         exchange,
         key_prefix,
         spool_dir,

@@ -1,0 +1,306 @@
+//! The SendTalk client: one call, `create_whatsapp_verification`, and the
+//! reading of SendTalk's envelope into [`Created`] or a [`ProviderError`]
+//! (SPEC 9.1's table). One `reqwest::Client` (connection pool, rustls) is
+//! built by `startup` and reused; every call is bounded by
+//! `sendtalk.timeout_ms` and never retried: a create is not idempotent
+//! upstream.
+
+use std::time::{Duration, Instant};
+
+use prometheus::{Histogram, IntCounterVec};
+use secrecy::{ExposeSecret as _, SecretString};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// SendTalk's create path, appended to `sendtalk.base_url`.
+pub const CREATE_PATH: &str = "/api/v1/verification/create_whatsapp_verification";
+/// SendTalk's documented code for a parameter validation error.
+const CODE_VALIDATION: &str = "40002";
+/// SendTalk's documented code for a header (API key) error.
+const CODE_HEADERS: &str = "40001";
+
+/// The create request, as SendTalk documents it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateRequest {
+    pub user_phone: String,
+    pub language_code: String,
+    pub expiry_minutes: u32,
+    #[serde(rename = "appURL", skip_serializing_if = "Option::is_none")]
+    pub app_url: Option<String>,
+}
+
+/// What SendTalk gave back for a successful create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Created {
+    pub id: String,
+    pub wa_link: String,
+    pub wa_message: String,
+    pub qr_code: String,
+}
+
+/// Every way a create can fail, each with one relay answer (SPEC 9.1).
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("SendTalk refused a parameter: {message}")]
+    Validation { field: String, message: String },
+    #[error("SendTalk refused our API key: {0}")]
+    Unauthorized(String),
+    #[error("SendTalk cannot deliver to this recipient")]
+    InvalidRecipient,
+    #[error("SendTalk account balance is insufficient")]
+    InsufficientBalance,
+    #[error("SendTalk WhatsApp verification is disabled for this account")]
+    Disabled,
+    #[error("SendTalk did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("SendTalk answered in an unexpected way: {0}")]
+    Unexpected(String),
+}
+
+impl ProviderError {
+    /// The `outcome` label of `sendtalk_requests_total`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            ProviderError::Validation { .. } => "validation_failed",
+            ProviderError::Unauthorized(_) => "unauthorized",
+            ProviderError::InvalidRecipient => "invalid_recipient",
+            ProviderError::InsufficientBalance => "insufficient_balance",
+            ProviderError::Disabled => "disabled",
+            ProviderError::Timeout(_) => "timeout",
+            ProviderError::Unexpected(_) => "error",
+        }
+    }
+}
+
+/// The metrics the client writes.
+#[derive(Clone)]
+pub struct SendTalkMetrics {
+    /// `sendtalk_requests_total{outcome}`.
+    pub requests: IntCounterVec,
+    /// `sendtalk_request_duration_seconds`.
+    pub duration: Histogram,
+}
+
+/// SendTalk's create API.
+pub struct SendTalkClient {
+    /// Shared pool of connections; built once.
+    http: reqwest::Client,
+    create_url: String,
+    api_key: SecretString,
+    timeout: Duration,
+    metrics: SendTalkMetrics,
+}
+
+impl std::fmt::Debug for SendTalkClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendTalkClient")
+            .field("create_url", &self.create_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SendTalkClient {
+    pub fn new(
+        base_url: &str,
+        api_key: SecretString,
+        timeout: Duration,
+        metrics: SendTalkMetrics,
+    ) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .user_agent(concat!("sendtalk-relay/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            http,
+            create_url: format!("{}{CREATE_PATH}", base_url.trim_end_matches('/')),
+            api_key,
+            timeout,
+            metrics,
+        })
+    }
+
+    /// Calls the create API once and reads the answer.
+    pub async fn create(&self, request: &CreateRequest) -> Result<Created, ProviderError> {
+        let started = Instant::now();
+        let result = self.call(request).await;
+        self.metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
+        let outcome = match &result {
+            Ok(_) => "created",
+            Err(e) => e.outcome(),
+        };
+        self.metrics.requests.with_label_values(&[outcome]).inc();
+        result
+    }
+
+    async fn call(&self, request: &CreateRequest) -> Result<Created, ProviderError> {
+        let sent = self
+            .http
+            .post(&self.create_url)
+            .header("API-Key", self.api_key.expose_secret())
+            .json(request)
+            .send()
+            .await;
+        let response = match sent {
+            Ok(r) => r,
+            Err(e) if e.is_timeout() => return Err(ProviderError::Timeout(self.timeout)),
+            Err(e) => return Err(ProviderError::Unexpected(format!("request failed: {e}"))),
+        };
+        let status = response.status();
+        let bytes = match response.bytes().await {
+            Ok(b) => b,
+            Err(e) if e.is_timeout() => return Err(ProviderError::Timeout(self.timeout)),
+            Err(e) => return Err(ProviderError::Unexpected(format!("body unreadable: {e}"))),
+        };
+        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
+            return Err(ProviderError::Unauthorized(format!("HTTP {status}")));
+        }
+        if !status.is_success() {
+            return Err(ProviderError::Unexpected(format!("HTTP {status}")));
+        }
+        let envelope: Value = serde_json::from_slice(&bytes).map_err(|_| {
+            ProviderError::Unexpected(format!("HTTP {status} with a non-JSON body"))
+        })?;
+        read_envelope(&envelope)
+    }
+}
+
+/// SendTalk's envelope `{status, error {code, message, field}, data}`.
+#[derive(Deserialize)]
+struct Envelope {
+    status: Option<i64>,
+    #[serde(default)]
+    error: ErrorPart,
+    #[serde(default)]
+    data: Option<Value>,
+}
+
+#[derive(Deserialize, Default)]
+struct ErrorPart {
+    #[serde(default)]
+    code: Value,
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    field: String,
+}
+
+#[derive(Deserialize)]
+struct Data {
+    success: bool,
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    verification: Option<Verification>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Verification {
+    id: String,
+    wa_link: String,
+    wa_message: String,
+    #[serde(default)]
+    qr_code: String,
+}
+
+/// Maps SendTalk's envelope per SPEC 9.1; anything undocumented is
+/// [`ProviderError::Unexpected`].
+fn read_envelope(value: &Value) -> Result<Created, ProviderError> {
+    let envelope: Envelope = serde_json::from_value(value.clone())
+        .map_err(|e| ProviderError::Unexpected(format!("undocumented envelope: {e}")))?;
+    // SendTalk writes codes as strings ("40002"); accept a number too.
+    let code = match &envelope.error.code {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        _ => String::new(),
+    };
+    match envelope.status {
+        Some(400) if code == CODE_VALIDATION => {
+            return Err(ProviderError::Validation {
+                field: envelope.error.field,
+                message: envelope.error.message,
+            })
+        }
+        Some(400) if code == CODE_HEADERS => {
+            return Err(ProviderError::Unauthorized(envelope.error.message))
+        }
+        Some(401 | 403) => return Err(ProviderError::Unauthorized(envelope.error.message)),
+        Some(200) => {}
+        other => {
+            return Err(ProviderError::Unexpected(format!(
+                "envelope status {other:?}, code {code:?}"
+            )))
+        }
+    }
+    let data: Data = envelope
+        .data
+        .and_then(|d| serde_json::from_value(d).ok())
+        .ok_or_else(|| ProviderError::Unexpected("envelope without a readable data".into()))?;
+    if !data.success {
+        return Err(match data.reason.as_str() {
+            "invalid_recipient" => ProviderError::InvalidRecipient,
+            "insufficient_balance" => ProviderError::InsufficientBalance,
+            "config_disabled" => ProviderError::Disabled,
+            other => ProviderError::Unexpected(format!("undocumented reason {other:?}")),
+        });
+    }
+    let v = data
+        .verification
+        .ok_or_else(|| ProviderError::Unexpected("success without a verification".into()))?;
+    if crate::payload::VerificationId::parse(&v.id).is_err() {
+        return Err(ProviderError::Unexpected(
+            "verification id is not 1-128 printable characters".into(),
+        ));
+    }
+    Ok(Created {
+        id: v.id,
+        wa_link: v.wa_link,
+        wa_message: v.wa_message,
+        qr_code: v.qr_code,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Value {
+        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn the_documented_success_is_read() {
+        let c = read_envelope(&fixture("create-verification-response-ok.json")).unwrap();
+        assert_eq!(c.id, "3f35ec07-77f1-4fa0-9416-8ef019e52189");
+        assert!(c.wa_link.starts_with("https://wa.me/"));
+    }
+
+    #[test]
+    fn the_documented_errors_map_to_their_answers() {
+        let e =
+            read_envelope(&fixture("create-verification-response-missing-phone.json")).unwrap_err();
+        assert!(matches!(e, ProviderError::Validation { ref field, .. } if field == "userPhone"));
+        let e = read_envelope(&fixture("create-verification-response-missing-header.json"))
+            .unwrap_err();
+        assert!(matches!(e, ProviderError::Unauthorized(_)));
+    }
+
+    #[test]
+    fn undocumented_shapes_are_provider_errors() {
+        for v in [
+            serde_json::json!({"hello": 1}),
+            serde_json::json!({"status": 200, "data": {"success": false, "reason": "mystery"}}),
+            serde_json::json!({"status": 500}),
+            serde_json::json!([1, 2]),
+        ] {
+            assert!(matches!(
+                read_envelope(&v),
+                Err(ProviderError::Unexpected(_))
+            ));
+        }
+    }
+}

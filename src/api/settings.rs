@@ -1,0 +1,336 @@
+//! The `[api]` and `[sendtalk]` configuration sections (SPEC 7, 9): their
+//! defaults, validation and the resolution of tokens and the API key from
+//! files. `config.rs` only embeds these structs and calls [`check`], so the
+//! lifecycle API's settings live next to the code that uses them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+use crate::config::ConfigError;
+
+/// SendTalk's documented production base URL.
+const DEFAULT_BASE_URL: &str = "https://sendtalk-api.taptalk.io";
+/// SendTalk answers in well under a second; 10 s only trips on an outage,
+/// and a create is never retried, so a short bound would cost verifications.
+const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+/// SendTalk's own default expiry for a verification.
+const DEFAULT_EXPIRY_MINUTES: u32 = 10;
+/// An expired verification is announced within this many seconds; a sweep
+/// is one Redis range query, so a few seconds costs nothing.
+const DEFAULT_EXPIRY_CHECK_SECS: u64 = 5;
+/// SendTalk's documented range of `expiryMinutes` (one day at most).
+pub const EXPIRY_MINUTES_RANGE: std::ops::RangeInclusive<u32> = 1..=1440;
+/// The languages SendTalk documents for `languageCode`.
+pub const LANGUAGES: [&str; 2] = ["en", "id"];
+
+/// `[api]`: the client-facing lifecycle API (SPEC 9).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSettings {
+    pub enabled: bool,
+    /// Its own listener: internal callers only, never the public port.
+    pub listen: SocketAddr,
+    pub tokens: Vec<String>,
+    pub token_files: Vec<PathBuf>,
+    pub expiry_check_secs: u64,
+    /// Tokens from `tokens` and `token_files`; filled by [`check`].
+    #[serde(skip)]
+    pub resolved_tokens: Vec<SecretString>,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            tokens: Vec::new(),
+            token_files: Vec::new(),
+            expiry_check_secs: DEFAULT_EXPIRY_CHECK_SECS,
+            resolved_tokens: Vec::new(),
+        }
+    }
+}
+
+/// Hand-written: the tokens never reach a log through `{:?}`.
+impl std::fmt::Debug for ApiSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiSettings")
+            .field("enabled", &self.enabled)
+            .field("listen", &self.listen)
+            .field("tokens", &self.tokens.len())
+            .field("token_files", &self.token_files)
+            .field("expiry_check_secs", &self.expiry_check_secs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiSettings {
+    pub fn expiry_check(&self) -> Duration {
+        Duration::from_secs(self.expiry_check_secs)
+    }
+}
+
+/// `[sendtalk]`: how the relay calls SendTalk's create API.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SendTalkSettings {
+    pub base_url: String,
+    pub api_key: String,
+    pub api_key_file: PathBuf,
+    pub timeout_ms: u64,
+    pub default_language: String,
+    pub default_expiry_minutes: u32,
+    /// The key from `api_key` or `api_key_file`; filled by [`check`].
+    #[serde(skip)]
+    pub resolved_api_key: Option<SecretString>,
+}
+
+impl Default for SendTalkSettings {
+    fn default() -> Self {
+        Self {
+            base_url: DEFAULT_BASE_URL.into(),
+            api_key: String::new(),
+            api_key_file: PathBuf::new(),
+            timeout_ms: DEFAULT_TIMEOUT_MS,
+            default_language: "en".into(),
+            default_expiry_minutes: DEFAULT_EXPIRY_MINUTES,
+            resolved_api_key: None,
+        }
+    }
+}
+
+/// Hand-written: the API key never reaches a log through `{:?}`.
+impl std::fmt::Debug for SendTalkSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendTalkSettings")
+            .field("base_url", &self.base_url)
+            .field("api_key_set", &!self.api_key.is_empty())
+            .field("api_key_file", &self.api_key_file)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("default_language", &self.default_language)
+            .field("default_expiry_minutes", &self.default_expiry_minutes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SendTalkSettings {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+/// Validates both sections and resolves their secrets. Values are checked
+/// even with the API off, so that turning it on later is not the moment a
+/// typo is found; secrets are only required when it is on. `taken` are the
+/// other listeners' addresses (`http.listen`, `admin.listen`).
+pub fn check(
+    api: &mut ApiSettings,
+    sendtalk: &mut SendTalkSettings,
+    taken: &[SocketAddr],
+) -> Result<(), ConfigError> {
+    if api.enabled && api.listen.port() != 0 && taken.contains(&api.listen) {
+        return Err(ConfigError::new(
+            "api.listen",
+            "must differ from http.listen and admin.listen (the API is for internal callers only)",
+        ));
+    }
+    if api.expiry_check_secs == 0 {
+        return Err(ConfigError::new(
+            "api.expiry_check_secs",
+            "must be greater than 0",
+        ));
+    }
+    let url = reqwest::Url::parse(&sendtalk.base_url)
+        .map_err(|e| ConfigError::new("sendtalk.base_url", format!("is not a valid URL: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(ConfigError::new(
+            "sendtalk.base_url",
+            "must be an http:// or https:// URL with a host",
+        ));
+    }
+    if sendtalk.timeout_ms == 0 {
+        return Err(ConfigError::new(
+            "sendtalk.timeout_ms",
+            "must be greater than 0",
+        ));
+    }
+    if !LANGUAGES.contains(&sendtalk.default_language.as_str()) {
+        return Err(ConfigError::new(
+            "sendtalk.default_language",
+            "must be `en` or `id` (SendTalk's languages)",
+        ));
+    }
+    if !EXPIRY_MINUTES_RANGE.contains(&sendtalk.default_expiry_minutes) {
+        return Err(ConfigError::new(
+            "sendtalk.default_expiry_minutes",
+            "must be between 1 and 1440",
+        ));
+    }
+
+    let mut tokens = Vec::new();
+    for (i, t) in api.tokens.iter().enumerate() {
+        if t.trim().is_empty() {
+            return Err(ConfigError::new(
+                format!("api.tokens[{i}]"),
+                "must not be empty",
+            ));
+        }
+        tokens.push(SecretString::from(t.clone()));
+    }
+    for (i, path) in api.token_files.iter().enumerate() {
+        tokens.push(read_secret_file(&format!("api.token_files[{i}]"), path)?);
+    }
+    let mut api_key =
+        (!sendtalk.api_key.is_empty()).then(|| SecretString::from(sendtalk.api_key.clone()));
+    if !sendtalk.api_key_file.as_os_str().is_empty() {
+        api_key = Some(read_secret_file(
+            "sendtalk.api_key_file",
+            &sendtalk.api_key_file,
+        )?);
+    }
+    if api.enabled {
+        if tokens.is_empty() {
+            return Err(ConfigError::new(
+                "api.tokens",
+                "api.enabled needs at least one bearer token (api.tokens or api.token_files)",
+            ));
+        }
+        if api_key.is_none() {
+            return Err(ConfigError::new(
+                "sendtalk.api_key",
+                "api.enabled needs SendTalk's API key (sendtalk.api_key or sendtalk.api_key_file)",
+            ));
+        }
+    }
+    api.resolved_tokens = tokens;
+    sendtalk.resolved_api_key = api_key;
+    Ok(())
+}
+
+fn read_secret_file(key: &str, path: &std::path::Path) -> Result<SecretString, ConfigError> {
+    let content = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))?;
+    let trimmed = content.trim();
+    if trimmed.is_empty() {
+        return Err(ConfigError::new(
+            key,
+            format!("{} is empty", path.display()),
+        ));
+    }
+    Ok(SecretString::from(trimmed.to_string()))
+}
+
+/// Replaces every secret of both sections with `"<redacted>"` for
+/// `check-config`.
+pub fn redact(api: &mut ApiSettings, sendtalk: &mut SendTalkSettings, redacted: &str) {
+    api.tokens = api.tokens.iter().map(|_| redacted.to_string()).collect();
+    if !sendtalk.api_key.is_empty() {
+        sendtalk.api_key = redacted.to_string();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn both() -> (ApiSettings, SendTalkSettings) {
+        (ApiSettings::default(), SendTalkSettings::default())
+    }
+
+    #[test]
+    fn defaults_pass_with_the_api_off() {
+        let (mut a, mut s) = both();
+        check(&mut a, &mut s, &[]).unwrap();
+    }
+
+    #[test]
+    fn enabling_the_api_needs_a_token_then_an_api_key() {
+        let (mut a, mut s) = both();
+        a.enabled = true;
+        assert_eq!(check(&mut a, &mut s, &[]).unwrap_err().key, "api.tokens");
+        a.tokens = vec!["t".into()];
+        assert_eq!(
+            check(&mut a, &mut s, &[]).unwrap_err().key,
+            "sendtalk.api_key"
+        );
+        s.api_key = "k".into();
+        check(&mut a, &mut s, &[]).unwrap();
+        assert_eq!(a.resolved_tokens.len(), 1);
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_embedded_default_keeps_the_api_off_and_loads() {
+        let s = crate::config::Settings::load(None, env(&[])).unwrap();
+        assert!(!s.api.enabled);
+    }
+
+    #[test]
+    fn loading_names_the_missing_secret_and_a_clashing_listener() {
+        let err =
+            crate::config::Settings::load(None, env(&[("SENDTALK_RELAY__API__ENABLED", "true")]))
+                .unwrap_err();
+        assert_eq!(err.key, "api.tokens");
+        let err = crate::config::Settings::load(
+            None,
+            env(&[
+                ("SENDTALK_RELAY__API__ENABLED", "true"),
+                ("SENDTALK_RELAY__API__TOKENS", "a,b"),
+                ("SENDTALK_RELAY__SENDTALK__API_KEY", "k"),
+                ("SENDTALK_RELAY__API__LISTEN", "127.0.0.1:8080"),
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "api.listen");
+    }
+
+    #[test]
+    fn check_config_output_hides_tokens_and_the_api_key() {
+        let s = crate::config::Settings::load(
+            None,
+            env(&[
+                ("SENDTALK_RELAY__API__ENABLED", "true"),
+                ("SENDTALK_RELAY__API__TOKENS", "tok-one,tok-two"),
+                ("SENDTALK_RELAY__SENDTALK__API_KEY", "the-api-key"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.api.resolved_tokens.len(), 2);
+        let out = s.redacted_toml();
+        for secret in ["tok-one", "tok-two", "the-api-key"] {
+            assert!(!out.contains(secret), "{out}");
+        }
+        assert!(out.contains("[api]") && out.contains("[sendtalk]"), "{out}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        type Spoil = fn(&mut ApiSettings, &mut SendTalkSettings);
+        let cases: [(&str, Spoil); 5] = [
+            ("sendtalk.default_language", |_, s| {
+                s.default_language = "fr".into()
+            }),
+            ("sendtalk.default_expiry_minutes", |_, s| {
+                s.default_expiry_minutes = 1441
+            }),
+            ("sendtalk.base_url", |_, s| s.base_url = "ftp://x".into()),
+            ("sendtalk.timeout_ms", |_, s| s.timeout_ms = 0),
+            ("api.expiry_check_secs", |a, _| a.expiry_check_secs = 0),
+        ];
+        for (key, spoil) in cases {
+            let (mut a, mut s) = both();
+            spoil(&mut a, &mut s);
+            assert_eq!(check(&mut a, &mut s, &[]).unwrap_err().key, key);
+        }
+    }
+}
