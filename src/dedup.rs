@@ -15,7 +15,6 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
 
 use crate::config::RedisSettings;
 use crate::payload::{Status, VerificationId, VerifiedTime};
@@ -300,65 +299,6 @@ impl RedisDedup {
     async fn ping(&self) -> bool {
         let ping = redis::cmd("PING");
         bounded(self.query::<String>(&ping)).await.is_ok()
-    }
-}
-
-/// Dedup commits this process has started and not finished, by id: they run
-/// after the answer (SPEC 3 allows a 2xx whatever the commit's outcome), so
-/// a sender that re-sends as soon as it has its 200 could meet the lease
-/// still held by its own commit. Its claim waits for that commit and then
-/// finds the committed record, instead of a 409.
-#[derive(Debug, Default)]
-pub struct PendingCommits {
-    /// A receiver per running commit; its sender is dropped when the commit
-    /// is over. Held for a few map operations, never across an await.
-    running: Mutex<HashMap<String, watch::Receiver<()>>>,
-}
-
-/// Held by a running commit; dropping it ends the wait of every claim that
-/// met the commit's lease.
-#[derive(Debug)]
-pub struct CommitRunning(watch::Sender<()>);
-
-impl PendingCommits {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Receiver<()>>> {
-        // Each critical section is one insert, remove or clone.
-        self.running
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Records that the commit of `id` starts now.
-    pub fn start(&self, id: &VerificationId) -> CommitRunning {
-        let (tx, rx) = watch::channel(());
-        self.lock().insert(id.as_str().to_string(), rx);
-        CommitRunning(tx)
-    }
-
-    /// Records that the commit of `id` is over (whatever its outcome).
-    pub fn finish(&self, id: &VerificationId, running: CommitRunning) {
-        let mut map = self.lock();
-        if map
-            .get(id.as_str())
-            .is_some_and(|rx| rx.same_channel(&running.0.subscribe()))
-        {
-            map.remove(id.as_str());
-        }
-        drop(map);
-        drop(running);
-    }
-
-    /// Waits for this process's running commit of `id`, if there is one
-    /// (bounded by [`REDIS_OP_MAX`], like the commit itself). True when
-    /// there was one: a claim made now finds its outcome.
-    pub async fn wait(&self, id: &VerificationId) -> bool {
-        let running = self.lock().get(id.as_str()).cloned();
-        let Some(mut rx) = running else {
-            return false;
-        };
-        // Nothing is ever sent: `changed` ends when the sender is dropped.
-        let _ = tokio::time::timeout(REDIS_OP_MAX, rx.changed()).await;
-        true
     }
 }
 

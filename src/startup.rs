@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Verifier;
 use crate::config::{DedupBackend, Settings, SinkKind};
-use crate::dedup::{Dedup, DedupPolicy, MemoryDedup, PendingCommits, RedisDedup};
+use crate::dedup::{Dedup, DedupPolicy, MemoryDedup, RedisDedup};
 use crate::metrics::Metrics;
 use crate::payload::PayloadRules;
 use crate::publish::{AmqpPublisher, Sink, StdoutSink};
@@ -170,7 +170,6 @@ impl Application {
                 max_event_age: settings.webhook.max_event_age(),
             },
             dedup,
-            commits: PendingCommits::default(),
             on_unavailable: settings.dedup.on_unavailable,
             sink: sink.clone(),
             spool: spool.clone(),

@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{AuthError, Verifier};
 use crate::config::OnUnavailable;
-use crate::dedup::{Claim, Dedup, LeaseToken, PendingCommits};
+use crate::dedup::{Claim, Dedup, LeaseToken};
 use crate::message::{DedupMark, Envelope};
 use crate::metrics::{Metrics, Outcome, Stage};
 use crate::payload::{check_media_type, PayloadError, PayloadRules, VerificationEvent};
@@ -45,8 +45,6 @@ pub struct Relay {
     pub verifier: Verifier,
     pub rules: PayloadRules,
     pub dedup: Dedup,
-    /// Dedup commits still running after their answer (see `commit_after_answer`).
-    pub commits: PendingCommits,
     pub on_unavailable: OnUnavailable,
     pub sink: Arc<Sink>,
     /// `None` when `spool.enabled = false`.
@@ -369,7 +367,7 @@ fn with_request_id(mut response: HttpResponse, request_id: &str) -> HttpResponse
 }
 
 async fn handle(
-    relay: &Arc<Relay>,
+    relay: &Relay,
     headers: &header::HeaderMap,
     body: Bytes,
     request_id: &str,
@@ -407,11 +405,7 @@ async fn handle(
     trace.phone = Some(event.user_phone.masked());
 
     let claim_started = Instant::now();
-    let mut claimed = relay.dedup.claim(&event.id).await;
-    if matches!(claimed, Ok(Claim::InFlight)) && relay.commits.wait(&event.id).await {
-        // The lease was our own commit's, which has ended now.
-        claimed = relay.dedup.claim(&event.id).await;
-    }
+    let claimed = relay.dedup.claim(&event.id).await;
     relay.metrics.stage(Stage::Claim, claim_started.elapsed());
     let claim = match claimed {
         Ok(claim) => Some(claim),
@@ -465,8 +459,18 @@ async fn handle(
             return Err(e);
         }
     };
-    if let Some(token) = token {
-        commit_after_answer(relay, &event, token, request_id);
+    if let Some(token) = &token {
+        // The event is safe now; a failed commit only weakens dedup.
+        let commit_started = Instant::now();
+        let committed = relay
+            .dedup
+            .commit(&event.id, token, &event.status, event.verified_time)
+            .await;
+        relay.metrics.stage(Stage::Commit, commit_started.elapsed());
+        if let Err(e) = committed {
+            relay.metrics.dedup_commit_failed.inc();
+            tracing::warn!(request_id, verification_id = event.id.as_str(), error = %e, "dedup commit failed after the event was made durable");
+        }
     }
     // Lifecycle API (SPEC 9.2): the record turns verified once the event is safe.
     if let Some(lifecycle) = &relay.lifecycle {
@@ -479,39 +483,6 @@ async fn handle(
             .await;
     }
     Ok(accepted)
-}
-
-/// Commits the dedup record in a task of its own, so the answer does not
-/// wait for it: the event is safe already, and a failed commit only weakens
-/// dedup (SPEC 3). The task is tracked with the pipelines and awaited at
-/// shutdown (SPEC 6); a re-send meanwhile waits for it in its claim
-/// ([`PendingCommits`]) on this replica and is answered 409 on another, as
-/// while any lease is held.
-fn commit_after_answer(
-    relay: &Arc<Relay>,
-    event: &VerificationEvent,
-    token: LeaseToken,
-    request_id: &str,
-) {
-    let running = relay.commits.start(&event.id);
-    let relay2 = relay.clone();
-    let (id, status, verified_time) = (event.id.clone(), event.status.clone(), event.verified_time);
-    let request_id = request_id.to_string();
-    let commit = async move {
-        let relay = relay2;
-        let started = Instant::now();
-        let committed = relay
-            .dedup
-            .commit(&id, &token, &status, verified_time)
-            .await;
-        relay.metrics.stage(Stage::Commit, started.elapsed());
-        relay.commits.finish(&id, running);
-        if let Err(e) = committed {
-            relay.metrics.dedup_commit_failed.inc();
-            tracing::warn!(request_id, verification_id = id.as_str(), error = %e, "dedup commit failed after the event was made durable");
-        }
-    };
-    relay.pipelines.spawn_on(commit, &relay.runtime);
 }
 
 /// Publishes with confirm, or spools when the broker cannot take the event

@@ -130,7 +130,16 @@ impl Spool {
                 || !sink.is_available();
             if !exhausted && !stopping && DRAIN_IN_FLIGHT - publishing >= REFILL_BATCH {
                 let want = DRAIN_IN_FLIGHT - publishing;
-                let batch = self.read_batch(cursor, want).await?;
+                let batch = match self.read_batch(cursor, want).await {
+                    Ok(batch) => batch,
+                    Err(e) => {
+                        // The publishes in flight still finish and their
+                        // entries are still deleted: dropping them would
+                        // send those events again later.
+                        failure = Some(e);
+                        Vec::new()
+                    }
+                };
                 if batch.len() < want {
                     exhausted = true;
                 }
@@ -199,7 +208,11 @@ impl Spool {
         }
         match failure {
             Some(e) if removed == 0 => Err(e),
-            _ => Ok(removed + settled),
+            Some(e) => {
+                tracing::error!(error = %e, "spool drain pass cut short; the rest waits for the next pass");
+                Ok(removed + settled)
+            }
+            None => Ok(removed + settled),
         }
     }
 
