@@ -15,7 +15,6 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-
 use crate::config::RedisSettings;
 use crate::payload::{Status, VerificationId, VerifiedTime};
 use crate::redis_conn::RedisConnections;

@@ -442,10 +442,10 @@ fn build_lifecycle(
     };
     let store = match settings.dedup.backend {
         DedupBackend::Memory => Store::Memory(MemoryStore::new(policy)),
-        DedupBackend::Redis => Store::Redis(
+        DedupBackend::Redis => Store::Redis(Box::new(
             RedisStore::new(&settings.redis, policy)
                 .context("Failed to create the Redis client of the lifecycle store")?,
-        ),
+        )),
     };
     let api_key = settings
         .sendtalk

@@ -570,7 +570,7 @@ async fn two_replicas_publish_exactly_one_expired_event_per_unverified_verificat
 
     // Records as the create stores them, with an expiry a moment away
     // (expiryMinutes cannot go below one minute).
-    let store = Store::Redis(
+    let store = Store::Redis(Box::new(
         RedisStore::new(
             &RedisSettings {
                 url: REDIS_URL.into(),
@@ -584,7 +584,7 @@ async fn two_replicas_publish_exactly_one_expired_event_per_unverified_verificat
             },
         )
         .unwrap(),
-    );
+    ));
     let now = now_ms();
     let ids: Vec<String> = (0..5).map(|_| unique("exp")).collect();
     for id in &ids {
@@ -789,7 +789,7 @@ async fn an_expiry_claimed_by_a_replica_that_died_is_published_by_another_and_a_
     let prefix = format!("{}:", unique("test-relay"));
     let mut options = api_options(&stub.url).env("API__EXPIRY_CHECK_SECS", "1");
     options.key_prefix = Some(prefix.clone());
-    let store = Store::Redis(
+    let store = Store::Redis(Box::new(
         RedisStore::new(
             &RedisSettings {
                 url: REDIS_URL.into(),
@@ -803,7 +803,7 @@ async fn an_expiry_claimed_by_a_replica_that_died_is_published_by_another_and_a_
             },
         )
         .unwrap(),
-    );
+    ));
     let id = unique("orphan");
     let now = now_ms();
     store

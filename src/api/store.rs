@@ -199,7 +199,8 @@ pub struct StorePolicy {
 
 /// The verification store.
 pub enum Store {
-    Redis(RedisStore),
+    /// Boxed: the Redis clients are far larger than the in-memory maps.
+    Redis(Box<RedisStore>),
     Memory(MemoryStore),
 }
 

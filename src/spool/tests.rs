@@ -23,6 +23,17 @@ fn envelope(id: &str) -> Envelope {
     }
 }
 
+/// Opens the spool in `dir` once the previous handle's writer has let go.
+async fn reopen(dir: &std::path::Path) -> Spool {
+    for _ in 0..100 {
+        match Spool::open(dir, 1 << 20, metrics()) {
+            Ok(spool) => return spool,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    Spool::open(dir, 1 << 20, metrics()).unwrap()
+}
+
 fn temp_dir() -> std::path::PathBuf {
     std::env::temp_dir().join(format!("spool-{}", uuid::Uuid::new_v4()))
 }
@@ -40,9 +51,9 @@ async fn appended_entries_survive_reopening_in_order() {
         }
         assert_eq!(spool.depth(), 5);
     }
-    // The writer thread holds the database until its channel closes.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let spool = Spool::open(&dir, 1 << 20, metrics()).unwrap();
+    // The writer thread holds the database until its channel closes; on a
+    // busy machine it may take a moment to notice.
+    let spool = reopen(&dir).await;
     assert_eq!(spool.depth(), 5);
     let oldest = spool.oldest(10).unwrap();
     let ids: Vec<_> = oldest
