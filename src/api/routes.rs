@@ -23,6 +23,7 @@ use super::settings::{EXPIRY_MINUTES_RANGE, LANGUAGES};
 use super::store::{now_ms, IdemBegin, Record, Status, StoredAnswer};
 use super::{rfc3339, Lifecycle};
 use crate::payload::{UserPhone, VerificationId};
+use crate::routes::webhook::{request_id, with_request_id};
 
 /// `Retry-After` for 409: a create takes at most `sendtalk.timeout_ms`.
 const IN_FLIGHT_RETRY_SECS: u64 = 5;
@@ -32,8 +33,6 @@ const UNAVAILABLE_RETRY_SECS: u64 = 30;
 const MAX_APP_URL_LEN: usize = 2048;
 /// Longest `Idempotency-Key` accepted (SPEC 9.1).
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
-/// Longest `X-Request-Id` taken from the caller.
-const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// Every way an API request can fail, each with exactly one answer.
 #[derive(Debug, thiserror::Error)]
@@ -422,29 +421,6 @@ fn fingerprint(value: &Value) -> String {
     let mut text = String::new();
     canonical(value, &mut text);
     hex::encode(Sha256::digest(text.as_bytes()))
-}
-
-/// Takes the caller's `X-Request-Id` when short and printable.
-fn request_id(req: &HttpRequest) -> String {
-    req.headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| {
-            !v.is_empty()
-                && v.len() <= MAX_REQUEST_ID_LEN
-                && v.bytes().all(|b| (0x21..=0x7e).contains(&b))
-        })
-        .map(String::from)
-        .unwrap_or_else(|| crate::telemetry::fast_uuid().to_string())
-}
-
-fn with_request_id(mut response: HttpResponse, request_id: &str) -> HttpResponse {
-    if let Ok(value) = HeaderValue::from_str(request_id) {
-        response
-            .headers_mut()
-            .insert(header::HeaderName::from_static("x-request-id"), value);
-    }
-    response
 }
 
 /// Create a verification through SendTalk.

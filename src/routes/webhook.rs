@@ -357,7 +357,7 @@ pub async fn receive(
 }
 
 /// Every answer carries the request id the log line and the message carry.
-fn with_request_id(mut response: HttpResponse, request_id: &str) -> HttpResponse {
+pub(crate) fn with_request_id(mut response: HttpResponse, request_id: &str) -> HttpResponse {
     if let Ok(value) = HeaderValue::from_str(request_id) {
         response
             .headers_mut()
@@ -536,8 +536,8 @@ fn read_body(
 }
 
 /// Takes the caller's `X-Request-Id` when it is short and printable,
-/// otherwise makes a new one.
-fn request_id(req: &HttpRequest) -> String {
+/// otherwise makes a new one (the lifecycle API takes it the same way).
+pub(crate) fn request_id(req: &HttpRequest) -> String {
     req.headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())

@@ -1,3 +1,5 @@
+//! Unit tests of the spool; compiled only under `#[cfg(test)]` (see `mod.rs`).
+
 use super::*;
 use crate::message::DedupMark;
 use bytes::Bytes;
