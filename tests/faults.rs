@@ -415,12 +415,7 @@ async fn three_relays_sharing_redis_deliver_100_ids_once_each_except_across_an_a
     let mut consumer = TestConsumer::bind(&exchange, "#").await;
     let mut apps = Vec::new();
     for _ in 0..3 {
-        let options = Options {
-            exchange: Some(exchange.clone()),
-            key_prefix: Some(prefix.clone()),
-            no_consumer: true,
-            ..Options::default()
-        };
+        let options = Options::replica_of(&exchange, &prefix);
         apps.push(Arc::new(app_behind(&broker, None, options).await));
     }
     let ids: Vec<String> = (0..100).map(|i| unique(&format!("trio{i}"))).collect();

@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::{web, App, HttpResponse, HttpServer};
+use sendtalk_relay::api::store::{RedisStore, Store, StorePolicy};
+use sendtalk_relay::config::RedisSettings;
 use serde_json::{json, Value};
 use support::*;
 
@@ -552,8 +554,7 @@ async fn a_stored_504_is_replayed_as_504_without_calling_sendtalk_again() {
 
 #[tokio::test]
 async fn two_replicas_publish_exactly_one_expired_event_per_unverified_verification() {
-    use sendtalk_relay::api::store::{Record, RedisStore, Store, StorePolicy};
-    use sendtalk_relay::config::RedisSettings;
+    use sendtalk_relay::api::store::Record;
     let stub = stub(Duration::ZERO).await;
     let exchange = unique("test.sendtalk");
     let prefix = format!("{}:", unique("test-relay"));
@@ -570,21 +571,7 @@ async fn two_replicas_publish_exactly_one_expired_event_per_unverified_verificat
 
     // Records as the create stores them, with an expiry a moment away
     // (expiryMinutes cannot go below one minute).
-    let store = Store::Redis(Box::new(
-        RedisStore::new(
-            &RedisSettings {
-                url: REDIS_URL.into(),
-                ..Default::default()
-            },
-            StorePolicy {
-                key_prefix: prefix.clone(),
-                ttl: Duration::from_secs(600),
-                idempotency_ttl: Duration::from_secs(600),
-                running_ttl: Duration::from_secs(10),
-            },
-        )
-        .unwrap(),
-    ));
+    let store = redis_store(&prefix);
     let now = now_ms();
     let ids: Vec<String> = (0..5).map(|_| unique("exp")).collect();
     for id in &ids {
@@ -783,27 +770,12 @@ async fn other_methods_and_paths_get_json_405_and_404() {
 #[tokio::test]
 async fn an_expiry_claimed_by_a_replica_that_died_is_published_by_another_and_a_late_webhook_still_verifies(
 ) {
-    use sendtalk_relay::api::store::{ExpiryClaim, Record, RedisStore, Store, StorePolicy};
-    use sendtalk_relay::config::RedisSettings;
+    use sendtalk_relay::api::store::{ExpiryClaim, Record};
     let stub = stub(Duration::ZERO).await;
     let prefix = format!("{}:", unique("test-relay"));
     let mut options = api_options(&stub.url).env("API__EXPIRY_CHECK_SECS", "1");
     options.key_prefix = Some(prefix.clone());
-    let store = Store::Redis(Box::new(
-        RedisStore::new(
-            &RedisSettings {
-                url: REDIS_URL.into(),
-                ..Default::default()
-            },
-            StorePolicy {
-                key_prefix: prefix.clone(),
-                ttl: Duration::from_secs(600),
-                idempotency_ttl: Duration::from_secs(600),
-                running_ttl: Duration::from_secs(10),
-            },
-        )
-        .unwrap(),
-    ));
+    let store = redis_store(&prefix);
     let id = unique("orphan");
     let now = now_ms();
     store
@@ -872,4 +844,24 @@ async fn with_redis_down_the_api_answers_503_and_an_idempotent_create_never_call
     let plain = create(&app, &request_body(PHONE)).await;
     assert_eq!((plain.status, plain.code()), (503, "unavailable"));
     assert_eq!(get_status(&app, "some-id", Some(TOKEN_A)).await.status, 503);
+}
+
+/// The lifecycle store on the shared Redis under `prefix`, as the relay
+/// builds it: the tests insert records with an expiry a moment away.
+fn redis_store(prefix: &str) -> Store {
+    Store::Redis(Box::new(
+        RedisStore::new(
+            &RedisSettings {
+                url: REDIS_URL.into(),
+                ..Default::default()
+            },
+            StorePolicy {
+                key_prefix: prefix.to_string(),
+                ttl: Duration::from_secs(600),
+                idempotency_ttl: Duration::from_secs(600),
+                running_ttl: Duration::from_secs(10),
+            },
+        )
+        .unwrap(),
+    ))
 }

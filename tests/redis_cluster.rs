@@ -138,12 +138,7 @@ async fn three_relays_on_one_cluster_publish_interleaved_duplicates_once() {
     let mut consumer = TestConsumer::bind(&exchange, "#").await;
     let mut apps = Vec::new();
     for _ in 0..3 {
-        let options = Options {
-            exchange: Some(exchange.clone()),
-            key_prefix: Some(prefix.clone()),
-            no_consumer: true,
-            ..Options::default()
-        };
+        let options = Options::replica_of(&exchange, &prefix);
         apps.push(spawn_app_with(on_cluster(&cluster, options)).await);
     }
     let ids: Vec<String> = (0..30).map(|i| unique(&format!("trio{i}"))).collect();
@@ -195,12 +190,7 @@ async fn a_master_killed_under_load_loses_nothing_and_duplicates_only_its_own_ke
     let mut consumer = TestConsumer::bind(&exchange, "#").await;
     let mut apps = Vec::new();
     for _ in 0..2 {
-        let options = Options {
-            exchange: Some(exchange.clone()),
-            key_prefix: Some(prefix.clone()),
-            no_consumer: true,
-            ..Options::default()
-        };
+        let options = Options::replica_of(&exchange, &prefix);
         apps.push(spawn_app_with(on_cluster(&cluster, options)).await);
     }
     let owners = cluster.slot_owners();

@@ -33,12 +33,7 @@ async fn the_relay_follows_the_promoted_replica_and_loses_nothing() {
     let mut consumer = TestConsumer::bind(&exchange, "#").await;
     let mut apps = Vec::new();
     for _ in 0..2 {
-        let options = Options {
-            exchange: Some(exchange.clone()),
-            key_prefix: Some(prefix.clone()),
-            no_consumer: true,
-            ..Options::default()
-        };
+        let options = Options::replica_of(&exchange, &prefix);
         apps.push(spawn_app_with(through_sentinels(&redis, options)).await);
     }
 

@@ -138,15 +138,7 @@ async fn three_instances_sharing_redis_publish_each_id_exactly_once() {
     let mut consumer = TestConsumer::bind(&exchange, "#").await;
     let mut apps = Vec::new();
     for _ in 0..3 {
-        apps.push(
-            spawn_app_with(Options {
-                exchange: Some(exchange.clone()),
-                key_prefix: Some(prefix.clone()),
-                no_consumer: true,
-                ..Options::default()
-            })
-            .await,
-        );
+        apps.push(spawn_app_with(Options::replica_of(&exchange, &prefix)).await);
     }
     let ids: Vec<String> = (0..20).map(|i| unique(&format!("shared{i}"))).collect();
     let bodies: Vec<String> = ids.iter().map(|id| event_body(id)).collect();

@@ -127,6 +127,17 @@ pub struct Options {
 }
 
 impl Options {
+    /// One of several replicas sharing `exchange` and the Redis `key_prefix`;
+    /// the test binds its own consumer.
+    pub fn replica_of(exchange: &str, key_prefix: &str) -> Self {
+        Options {
+            exchange: Some(exchange.to_string()),
+            key_prefix: Some(key_prefix.to_string()),
+            no_consumer: true,
+            ..Options::default()
+        }
+    }
+
     pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
         self.env
             .push((format!("SENDTALK_RELAY__{key}"), value.into()));
