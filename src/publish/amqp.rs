@@ -100,14 +100,9 @@ impl AmqpPublisher {
     }
 
     /// Publishes whose confirm is still pending after their caller gave up
-    /// (bounded by the channel pool; they settle when the broker answers).
+    /// (they settle when the broker answers).
     pub fn late_confirms(&self) -> usize {
         self.link().map_or(0, |link| link.late_confirms())
-    }
-
-    /// Channels in use or idle on the current connection.
-    pub fn channels_in_use(&self) -> usize {
-        self.link().map_or(0, |link| link.channels_in_use())
     }
 
     /// Publishes an event (mandatory) and waits for the broker's confirm

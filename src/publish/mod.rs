@@ -2,7 +2,8 @@
 //! or to standard output for the embedded demo sink.
 //!
 //! - [`amqp`]: the publisher and its connection supervisor.
-//! - `link`: one connection's pool of confirmed channels and the confirm helper.
+//! - `link`: one connection's confirmed channels and the sequencer that matches
+//!   returns and confirms to their publishes.
 //! - `topology`: exchanges and queues declared on every connection.
 //! - [`stdout`]: the demo sink.
 //!

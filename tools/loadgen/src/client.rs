@@ -66,7 +66,8 @@ pub fn signed(secret: &[u8], id: &str, verified_time: u64) -> SignedRequest {
 /// Where requests go and how the load is shaped.
 #[derive(Clone)]
 pub struct LoadPlan {
-    pub addr: SocketAddr,
+    /// Replicas; worker `w` keeps its connection to `addrs[w % len]`.
+    pub addrs: Vec<SocketAddr>,
     pub path: String,
     pub concurrency: usize,
     /// Share of requests that repeat an id this worker already had accepted.
@@ -145,14 +146,14 @@ pub fn build_pools(plan: &LoadPlan) -> Vec<Vec<SignedRequest>> {
 
 pub async fn run(plan: Arc<LoadPlan>, pools: Vec<Vec<SignedRequest>>, clock: Clock) -> LoadResult {
     let uri: Uri = plan.path.parse().expect("valid path");
-    let host = HeaderValue::from_str(&plan.addr.to_string()).expect("valid host");
     let mut handles = Vec::with_capacity(plan.concurrency);
     for (w, pool) in pools.into_iter().enumerate() {
         let plan = plan.clone();
         let uri = uri.clone();
-        let host = host.clone();
+        let addr = plan.addrs[w % plan.addrs.len()];
+        let host = HeaderValue::from_str(&addr.to_string()).expect("valid host");
         handles.push(tokio::spawn(async move {
-            worker(w, plan, pool, uri, host, clock).await
+            worker(w, plan, addr, pool, uri, host, clock).await
         }));
     }
     let mut merged = LoadResult::new();
@@ -220,6 +221,7 @@ impl XorShift {
 async fn worker(
     w: usize,
     plan: Arc<LoadPlan>,
+    addr: SocketAddr,
     pool: Vec<SignedRequest>,
     uri: Uri,
     host: HeaderValue,
@@ -241,7 +243,7 @@ async fn worker(
     while Instant::now() < clock.end {
         let mut s = match sender.take() {
             Some(s) => s,
-            None => match connect(plan.addr).await {
+            None => match connect(addr).await {
                 Ok(s) => s,
                 Err(e) => {
                     failures += 1;

@@ -59,12 +59,14 @@ enum Mode {
     Relay {
         #[command(flatten)]
         shape: Shape,
-        /// Webhook URL of the relay (loopback only).
+        /// Webhook URL of the relay (loopback only). Repeat it for several
+        /// replicas: connections are spread over them round-robin, as an L4
+        /// load balancer does.
         #[arg(
             long,
             default_value = "http://127.0.0.1:8080/webhooks/sendtalk/verification"
         )]
-        url: String,
+        url: Vec<String>,
         /// HMAC secret the relay accepts.
         #[arg(long, default_value = "bench-secret")]
         secret: String,
@@ -76,9 +78,10 @@ enum Mode {
         /// Share (0..1) of requests repeating an id already accepted.
         #[arg(long, default_value_t = 0.0)]
         dup_share: f64,
-        /// Relay process id, for RSS and CPU.
+        /// Relay process id, for RSS and CPU; repeat it for several replicas
+        /// (their CPU and RSS are summed).
         #[arg(long)]
-        relay_pid: Option<u32>,
+        relay_pid: Vec<u32>,
         /// Pre-signed requests in total (spread over the workers); past
         /// this, requests are signed on the fly and counted.
         #[arg(long, default_value_t = 400_000)]
@@ -159,12 +162,18 @@ fn main() -> anyhow::Result<()> {
             pool,
             settle_secs,
         } => {
-            let (addr, path) = parse_loopback_url(&url)?;
+            let mut addrs = Vec::with_capacity(url.len());
+            let mut path = String::new();
+            for u in &url {
+                let (addr, p) = parse_loopback_url(u)?;
+                addrs.push(addr);
+                path = p;
+            }
             check_loopback_amqp(&amqp_uri)?;
             let rt = client::runtime(shape.client_threads)?;
             rt.block_on(relay_mode(RelayArgs {
                 shape,
-                addr,
+                addrs,
                 path,
                 secret,
                 exchange,
@@ -298,13 +307,13 @@ fn run_id() -> String {
 
 struct RelayArgs {
     shape: Shape,
-    addr: SocketAddr,
+    addrs: Vec<SocketAddr>,
     path: String,
     secret: String,
     exchange: String,
     amqp_uri: String,
     dup_share: f64,
-    relay_pid: Option<u32>,
+    relay_pid: Vec<u32>,
     pool: usize,
     settle: Duration,
 }
@@ -329,20 +338,28 @@ impl ProcWindow {
     }
 }
 
-/// Samples the relay (if any) and this process at the window's edges and
+/// Sum of the processes' CPU seconds.
+fn cpu_of(pids: &[u32]) -> f64 {
+    pids.iter().filter_map(|&p| procstat::cpu_secs(p)).sum()
+}
+
+/// Sum of the processes' RSS (kB); `None` without processes.
+fn rss_of(pids: &[u32], read: fn(u32) -> Option<u64>) -> Option<u64> {
+    (!pids.is_empty()).then(|| pids.iter().filter_map(|&p| read(p)).sum())
+}
+
+/// Samples the relays (if any) and this process at the window's edges and
 /// every 250 ms in between (bounded by the clock).
-async fn monitor(pid: Option<u32>, clock: Clock) -> ProcWindow {
+async fn monitor(pids: Vec<u32>, clock: Clock) -> ProcWindow {
     let mut w = ProcWindow::default();
     tokio::time::sleep_until(clock.warm_end).await;
     w.self_cpu_at_warm_end = procstat::self_cpu_secs();
     w.sys_busy_at_warm_end = procstat::system_cpu_secs().0;
-    if let Some(pid) = pid {
-        w.cpu_at_warm_end = procstat::cpu_secs(pid).unwrap_or(0.0);
-    }
+    w.cpu_at_warm_end = cpu_of(&pids);
     loop {
-        if let Some(pid) = pid {
-            w.rss_max_kb = w.rss_max_kb.max(procstat::rss_kb(pid).unwrap_or(0));
-        }
+        w.rss_max_kb = w
+            .rss_max_kb
+            .max(rss_of(&pids, procstat::rss_kb).unwrap_or(0));
         let now = Instant::now();
         if now >= clock.end {
             break;
@@ -351,11 +368,9 @@ async fn monitor(pid: Option<u32>, clock: Clock) -> ProcWindow {
     }
     w.self_cpu_at_end = procstat::self_cpu_secs();
     w.sys_busy_at_end = procstat::system_cpu_secs().0;
-    if let Some(pid) = pid {
-        w.cpu_at_end = procstat::cpu_secs(pid).unwrap_or(0.0);
-        w.rss_end_kb = procstat::rss_kb(pid).unwrap_or(0);
-        w.rss_max_kb = w.rss_max_kb.max(w.rss_end_kb);
-    }
+    w.cpu_at_end = cpu_of(&pids);
+    w.rss_end_kb = rss_of(&pids, procstat::rss_kb).unwrap_or(0);
+    w.rss_max_kb = w.rss_max_kb.max(w.rss_end_kb);
     w
 }
 
@@ -371,7 +386,7 @@ async fn relay_mode(a: RelayArgs) -> anyhow::Result<()> {
 
     let per_worker = a.pool.div_ceil(a.shape.concurrency.max(1));
     let plan = Arc::new(LoadPlan {
-        addr: a.addr,
+        addrs: a.addrs.clone(),
         path: a.path.clone(),
         concurrency: a.shape.concurrency.max(1),
         dup_share: a.dup_share,
@@ -384,13 +399,13 @@ async fn relay_mode(a: RelayArgs) -> anyhow::Result<()> {
     let pools = client::build_pools(&plan);
     let signing = signing.elapsed();
 
-    let idle_rss = a.relay_pid.and_then(procstat::rss_kb);
+    let idle_rss = rss_of(&a.relay_pid, procstat::rss_kb);
     let clock = clock(&a.shape);
-    let mon = tokio::spawn(monitor(a.relay_pid, clock));
+    let mon = tokio::spawn(monitor(a.relay_pid.clone(), clock));
     let result = client::run(plan.clone(), pools, clock).await;
     let proc_window = mon.await.unwrap_or_default();
-    let after_rss = a.relay_pid.and_then(procstat::rss_kb);
-    let hwm = a.relay_pid.and_then(procstat::hwm_kb);
+    let after_rss = rss_of(&a.relay_pid, procstat::rss_kb);
+    let hwm = rss_of(&a.relay_pid, procstat::hwm_kb);
 
     // Loss check: every event answered 200 published / 202 queued must be in
     // the queue (queued ones drain from the spool, so allow time).
@@ -410,7 +425,15 @@ async fn relay_mode(a: RelayArgs) -> anyhow::Result<()> {
     let rps = result.window_count as f64 / secs;
     println!(
         "== relay: {} c={} warmup={}s measured={}s dup-share={} ==",
-        a.addr, plan.concurrency, a.shape.warmup, secs, a.dup_share
+        a.addrs
+            .iter()
+            .map(SocketAddr::to_string)
+            .collect::<Vec<_>>()
+            .join(" + "),
+        plan.concurrency,
+        a.shape.warmup,
+        secs,
+        a.dup_share
     );
     println!(
         "pre-signed {} requests in {:.2} s (signed on the fly during the run: {})",
@@ -464,7 +487,13 @@ async fn relay_mode(a: RelayArgs) -> anyhow::Result<()> {
             .map(|(_, v)| v)
             .sum::<u64>(),
     );
-    if let Some(pid) = a.relay_pid {
+    if !a.relay_pid.is_empty() {
+        let pid = a
+            .relay_pid
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join("+");
         let cpu = proc_window.cpu_at_end - proc_window.cpu_at_warm_end;
         let per_k = cpu / (result.window_count.max(1) as f64 / 1000.0);
         let mb = |kb: u64| kb as f64 / 1024.0;
@@ -507,7 +536,7 @@ async fn broker_mode(shape: Shape, amqp_uri: String) -> anyhow::Result<()> {
     // Same size as a relay webhook body.
     let body = client::event_body(&client::fresh_id(&run, 0, 0), client::now_ms());
     let clock = clock(&shape);
-    let mon = tokio::spawn(monitor(None, clock));
+    let mon = tokio::spawn(monitor(Vec::new(), clock));
     let outcome = amqp::publish_load(
         &channel,
         &exchange,
@@ -598,7 +627,7 @@ fn http_mode(shape: Shape, server_workers: Option<usize>) -> anyhow::Result<()> 
         .context("in-process HTTP server did not start")?;
 
     let plan = Arc::new(LoadPlan {
-        addr,
+        addrs: vec![addr],
         path: WEBHOOK_PATH.to_string(),
         concurrency: shape.concurrency.max(1),
         dup_share: 0.0,
@@ -611,7 +640,7 @@ fn http_mode(shape: Shape, server_workers: Option<usize>) -> anyhow::Result<()> 
     let rt = client::runtime(shape.client_threads)?;
     let (result, proc_window) = rt.block_on(async {
         let clock = clock(&shape);
-        let mon = tokio::spawn(monitor(None, clock));
+        let mon = tokio::spawn(monitor(Vec::new(), clock));
         let result = client::run(plan.clone(), pools, clock).await;
         (result, mon.await.unwrap_or_default())
     });
