@@ -27,7 +27,8 @@ impl SenderKey {
         let secret = match secret {
             Some(s) => s,
             None => settings
-                .resolved_secrets
+                .auth
+                .secrets
                 .first()
                 .map(|s| s.expose_secret().to_string())
                 .context("no secret: pass --secret or configure auth.secrets")?,
