@@ -452,7 +452,7 @@ fn build_lifecycle(
         .clone()
         .context("sendtalk.api_key is checked at load when api.enabled")?;
     let sendtalk = crate::api::sendtalk::SendTalkClient::new(
-        &settings.sendtalk.base_url,
+        settings.sendtalk.base_url.as_str(),
         api_key,
         settings.sendtalk.timeout,
         metrics.sendtalk(),

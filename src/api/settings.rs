@@ -11,7 +11,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{redacted_secret, redacted_secrets, ConfigError};
+use crate::config::{redact_url_password, redacted_secret, redacted_secrets, ConfigError};
 
 /// SendTalk's documented production base URL.
 const DEFAULT_BASE_URL: &str = "https://sendtalk-api.taptalk.io";
@@ -107,7 +107,7 @@ impl Default for RawSendTalk {
 #[derive(Clone)]
 pub struct SendTalkSettings {
     /// An `http://` or `https://` URL with a host.
-    pub base_url: String,
+    pub base_url: reqwest::Url,
     /// From `api_key` or `api_key_file` (the file wins); always set when
     /// the API is enabled.
     pub api_key: Option<SecretString>,
@@ -123,7 +123,7 @@ pub struct SendTalkSettings {
 impl std::fmt::Debug for SendTalkSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SendTalkSettings")
-            .field("base_url", &self.base_url)
+            .field("base_url", &redact_url_password(self.base_url.as_str()))
             .field("api_key_set", &self.api_key.is_some())
             .field("timeout", &self.timeout)
             .field("default_language", &self.default_language)
@@ -221,7 +221,7 @@ pub(crate) fn check(
         expiry_check: Duration::from_secs(api.expiry_check_secs),
     };
     let sendtalk = SendTalkSettings {
-        base_url: sendtalk.base_url,
+        base_url: url,
         api_key,
         timeout: Duration::from_millis(sendtalk.timeout_ms),
         default_language: sendtalk.default_language,
