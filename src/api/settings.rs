@@ -55,6 +55,7 @@ impl Default for RawApi {
 /// `[api]`: the client-facing lifecycle API (SPEC 9), validated.
 #[derive(Clone)]
 pub struct ApiSettings {
+    /// `api.enabled`: the listener is bound only when set.
     pub enabled: bool,
     /// Its own listener: internal callers only, never the public port.
     pub listen: SocketAddr,

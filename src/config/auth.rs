@@ -21,8 +21,11 @@ const DEFAULT_TOLERANCE_SECS: u64 = 300;
 #[serde(rename_all = "kebab-case")]
 pub enum AuthMode {
     #[serde(rename = "hmac-sha256")]
+    /// `hmac-sha256`: an HMAC of the body in `auth.header`.
     HmacSha256,
+    /// `standard-webhooks`: the Standard Webhooks headers.
     StandardWebhooks,
+    /// `secret-header`: the secret itself in `auth.header`.
     SecretHeader,
 }
 
@@ -92,6 +95,7 @@ impl Default for RawAuth {
 /// `[auth]`, validated, with every secret resolved.
 #[derive(Debug, Clone)]
 pub struct AuthSettings {
+    /// `auth.mode`.
     pub mode: AuthMode,
     /// The header in effect: the configured one, else the mode's default.
     header: String,

@@ -12,9 +12,13 @@ use super::redact_url_password;
 /// The kind of `amqp.exchange` (`amqp.exchange_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExchangeType {
+    /// `topic`: routing keys matched against patterns.
     Topic,
+    /// `direct`: routing keys matched exactly.
     Direct,
+    /// `fanout`: every bound queue gets every event.
     Fanout,
+    /// `headers`: bindings match message headers.
     Headers,
 }
 
@@ -72,6 +76,7 @@ impl ExchangeName {
         Self::parse(name).ok()
     }
 
+    /// The name as configured.
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -20,7 +20,9 @@ const DEFAULT_LEASE_SECS: u64 = 30;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DedupBackend {
+    /// Redis, shared by every replica.
     Redis,
+    /// This process only.
     Memory,
 }
 
@@ -28,7 +30,9 @@ pub enum DedupBackend {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnUnavailable {
+    /// Publish without the dedup check (counted as skipped).
     Publish,
+    /// Answer 503 so the sender retries.
     Reject,
 }
 
@@ -60,12 +64,14 @@ impl Default for RawDedup {
 pub struct DedupSettings {
     /// The store, and for Redis how to reach it.
     pub store: DedupStore,
+    /// `dedup.key_prefix`, before every Redis key.
     pub key_prefix: String,
     /// How long a committed id is remembered; greater than zero.
     pub ttl: Duration,
     /// How long a claim holds an id; below `ttl` and above the worst case
     /// of one webhook.
     pub lease: Duration,
+    /// `dedup.on_unavailable`.
     pub on_unavailable: OnUnavailable,
 }
 
@@ -160,7 +166,9 @@ pub enum RedisSettings {
     /// The master the sentinels (`redis.urls`, at least one) know as
     /// `service` (`redis.sentinel_service`).
     Sentinel {
+        /// The sentinels, at least one.
         sentinels: Vec<RedisUrl>,
+        /// The master the sentinels monitor.
         service: String,
     },
 }

@@ -49,6 +49,7 @@ impl Default for RawHttp {
 /// `[http]`: the public webhook listener.
 #[derive(Debug, Clone)]
 pub struct HttpSettings {
+    /// `http.listen`.
     pub listen: SocketAddr,
     /// Starts with `/`.
     pub webhook_path: String,
@@ -187,6 +188,7 @@ impl std::fmt::Debug for ServerTls {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminSettings {
+    /// `admin.listen`.
     pub listen: SocketAddr,
 }
 

@@ -105,7 +105,9 @@ impl ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SinkKind {
+    /// RabbitMQ with publisher confirms.
     Amqp,
+    /// One JSON line per event on standard output.
     Stdout,
 }
 
@@ -146,18 +148,29 @@ struct RawSettings {
 /// The whole configuration, validated: what the rest of the relay reads.
 #[derive(Clone)]
 pub struct Settings {
+    /// `sink`.
     pub sink: SinkKind,
+    /// `[http]`.
     pub http: HttpSettings,
+    /// `[admin]`.
     pub admin: AdminSettings,
+    /// `[auth]`.
     pub auth: AuthSettings,
+    /// `[webhook]`.
     pub webhook: WebhookSettings,
+    /// `[dedup]`, with `[redis]` when the store is Redis.
     pub dedup: DedupSettings,
+    /// `[amqp]`.
     pub amqp: AmqpSettings,
+    /// `[spool]`.
     pub spool: SpoolSettings,
+    /// `[log]`.
     pub log: LogSettings,
+    /// `[shutdown]`.
     pub shutdown: ShutdownSettings,
     /// The lifecycle API (SPEC 9); its own module owns these sections.
     pub api: ApiSettings,
+    /// `[sendtalk]`: how the lifecycle API calls SendTalk.
     pub sendtalk: SendTalkSettings,
     /// True when the relay runs on the embedded defaults (no file given).
     pub embedded: bool,

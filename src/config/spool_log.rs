@@ -21,7 +21,9 @@ const DEFAULT_GRACE_SECS: u64 = 25;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SpoolSettings {
+    /// `spool.enabled`; only used with the `amqp` sink.
     pub enabled: bool,
+    /// `spool.dir`.
     pub dir: PathBuf,
     /// Greater than zero when the spool is enabled.
     pub max_bytes: u64,
@@ -53,7 +55,9 @@ impl SpoolSettings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// One JSON object per line.
     Json,
+    /// Multi-line, for people.
     Pretty,
 }
 
@@ -77,6 +81,7 @@ impl Default for RawLog {
 /// `[log]`, validated.
 #[derive(Debug, Clone)]
 pub struct LogSettings {
+    /// `log.format`.
     pub format: LogFormat,
     /// `log.level`, parsed.
     pub filter: LogFilter,
