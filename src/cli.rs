@@ -4,6 +4,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
+use secrecy::{ExposeSecret as _, SecretString};
 
 use crate::auth;
 use crate::config::{AuthMode, Settings};
@@ -13,23 +14,25 @@ use crate::config::{AuthMode, Settings};
 pub struct SenderKey {
     pub mode: AuthMode,
     pub header: String,
-    pub secret: String,
+    /// Exposed only to sign; `{:?}` shows it redacted.
+    pub secret: SecretString,
 }
 
 impl SenderKey {
+    /// Mode, header and secret from the flags, else from `settings`.
     pub fn resolve(
         settings: &Settings,
         mode: Option<AuthMode>,
         header: Option<String>,
         secret: Option<String>,
     ) -> anyhow::Result<Self> {
-        use secrecy::ExposeSecret as _;
         let secret = match secret {
-            Some(s) => s,
+            Some(s) => SecretString::from(s),
             None => settings
-                .resolved_secrets
+                .auth
+                .secrets
                 .first()
-                .map(|s| s.expose_secret().to_string())
+                .cloned()
                 .context("no secret: pass --secret or configure auth.secrets")?,
         };
         // A mode other than the configured one brings its own default header.
@@ -54,7 +57,7 @@ impl SenderKey {
         auth::sign(
             self.mode,
             &self.header,
-            &self.secret,
+            self.secret.expose_secret(),
             body,
             i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
             &message_id,

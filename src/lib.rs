@@ -9,7 +9,9 @@
 //! local spool, from which it is drained to RabbitMQ later.
 //!
 //! # Layout
-//! - [`config`]: layered settings (defaults < TOML < env), validation, units.
+//! - [`config`]: layered settings (defaults < TOML < env), validated once into
+//!   typed values (parsed URIs, exchange kinds, routing-key template, log
+//!   filter, loaded TLS, secrets), units converted to `Duration`.
 //! - [`telemetry`]: tracing-subscriber set-up and phone masking.
 //! - [`auth`]: signature / secret verification of the raw body; pure.
 //! - [`payload`]: `VerificationEvent` and its field newtypes; pure.

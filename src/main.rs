@@ -104,7 +104,7 @@ fn serve(settings: Settings) -> ExitCode {
         // of the embedded defaults.
         tracing::warn!(
             sink = ?settings.sink,
-            dedup = ?settings.dedup.backend,
+            dedup = ?settings.dedup.backend(),
             listen = %settings.http.listen,
             auth_mode = settings.auth.mode.as_str(),
             dev_secret = settings.using_dev_secret,

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 
-use crate::config::{RedisMode, RedisSettings};
+use crate::config::{RedisSettings, RedisUrl};
 use crate::dedup::{REDIS_CONNECT_TIMEOUT, REDIS_RESPONSE_TIMEOUT};
 
 /// Tells the per-thread connection caches of different stores apart (tests
@@ -113,17 +113,17 @@ fn is_connection_error(e: &redis::RedisError) -> bool {
 impl Backend {
     /// Builds the mode's client from the settings, without any I/O.
     fn new(settings: &RedisSettings) -> redis::RedisResult<Backend> {
-        Ok(match settings.mode {
-            RedisMode::Standalone => Backend::Standalone {
-                client: redis::Client::open(settings.url.as_str())?,
+        Ok(match settings {
+            RedisSettings::Standalone(url) => Backend::Standalone {
+                client: redis::Client::open(url.expose())?,
                 config: redis::aio::ConnectionManagerConfig::new()
                     .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT))
                     .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
                     .set_number_of_retries(1)
                     .set_max_delay(Duration::from_secs(2)),
             },
-            RedisMode::Cluster => Backend::Cluster(
-                redis::cluster::ClusterClient::builder(settings.urls.iter().map(String::as_str))
+            RedisSettings::Cluster(seeds) => Backend::Cluster(
+                redis::cluster::ClusterClient::builder(seeds.iter().map(RedisUrl::expose))
                     .connection_timeout(REDIS_CONNECT_TIMEOUT)
                     .response_timeout(REDIS_RESPONSE_TIMEOUT)
                     .retries(CLUSTER_RETRIES)
@@ -131,17 +131,17 @@ impl Backend {
                     .max_retry_wait(CLUSTER_RETRY_WAIT_MS.1)
                     .build()?,
             ),
-            RedisMode::Sentinel => {
+            RedisSettings::Sentinel { sentinels, service } => {
                 // The master is reached the way the sentinels are: with TLS
                 // when they are `rediss://`, with the first URL's username,
                 // password and database.
-                let first = settings.urls.first().ok_or_else(|| {
+                let first = sentinels.first().ok_or_else(|| {
                     redis::RedisError::from((
                         redis::ErrorKind::InvalidClientConfig,
                         "redis.urls lists no sentinel",
                     ))
                 })?;
-                let info = redis::IntoConnectionInfo::into_connection_info(first.as_str())?;
+                let info = redis::IntoConnectionInfo::into_connection_info(first.expose())?;
                 let creds = info.redis_settings();
                 let mut master = redis::RedisConnectionInfo::default().set_db(creds.db());
                 if let Some(user) = creds.username() {
@@ -152,16 +152,15 @@ impl Backend {
                 }
                 let mut node = redis::sentinel::SentinelNodeConnectionInfo::default()
                     .set_redis_connection_info(master);
-                if first.starts_with("rediss://") {
+                if first.is_tls() {
                     node = node.set_tls_mode(redis::TlsMode::Secure);
                 }
                 // The sentinels themselves never have a database: the
                 // number only applies to the master.
-                let sentinels = settings
-                    .urls
+                let sentinels = sentinels
                     .iter()
                     .map(|u| {
-                        redis::IntoConnectionInfo::into_connection_info(u.as_str()).map(|i| {
+                        redis::IntoConnectionInfo::into_connection_info(u.expose()).map(|i| {
                             let s = i.redis_settings().clone().set_db(0);
                             i.set_redis_settings(s)
                         })
@@ -169,7 +168,7 @@ impl Backend {
                     .collect::<redis::RedisResult<Vec<_>>>()?;
                 let client = redis::sentinel::SentinelClient::build(
                     sentinels,
-                    settings.sentinel_service.as_str(),
+                    service.as_str(),
                     Some(node),
                     redis::sentinel::SentinelServerType::Master,
                 )?;

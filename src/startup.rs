@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Verifier;
-use crate::config::{DedupBackend, Settings, SinkKind};
+use crate::config::{DedupStore, Settings, SinkKind};
 use crate::dedup::{Dedup, DedupPolicy, MemoryDedup, RedisDedup};
 use crate::metrics::Metrics;
 use crate::payload::PayloadRules;
@@ -90,7 +90,7 @@ impl Application {
 
         let (sink, publisher) = match settings.sink {
             SinkKind::Stdout => (
-                Sink::Stdout(StdoutSink::new(&settings.amqp.routing_key)),
+                Sink::Stdout(StdoutSink::new(settings.amqp.routing_key.clone())),
                 None,
             ),
             SinkKind::Amqp => {
@@ -129,14 +129,13 @@ impl Application {
 
         let policy = DedupPolicy {
             key_prefix: settings.dedup.key_prefix.clone(),
-            ttl: settings.dedup.ttl(),
-            lease: settings.dedup.lease(),
+            ttl: settings.dedup.ttl,
+            lease: settings.dedup.lease,
         };
-        let dedup = match settings.dedup.backend {
-            DedupBackend::Memory => Dedup::Memory(MemoryDedup::new(policy)),
-            DedupBackend::Redis => Dedup::Redis(Box::new(
-                RedisDedup::new(&settings.redis, policy)
-                    .context("Failed to create the Redis client")?,
+        let dedup = match &settings.dedup.store {
+            DedupStore::Memory => Dedup::Memory(MemoryDedup::new(policy)),
+            DedupStore::Redis(redis) => Dedup::Redis(Box::new(
+                RedisDedup::new(redis, policy).context("Failed to create the Redis client")?,
             )),
         };
 
@@ -162,12 +161,12 @@ impl Application {
             verifier: Verifier::new(
                 settings.auth.mode,
                 settings.auth.header(),
-                &settings.resolved_secrets,
-                settings.auth.tolerance(),
+                &settings.auth.secrets,
+                settings.auth.tolerance,
             ),
             rules: PayloadRules {
                 accepted_statuses: settings.webhook.accepted_statuses.clone(),
-                max_event_age: settings.webhook.max_event_age(),
+                max_event_age: settings.webhook.max_event_age,
             },
             dedup,
             on_unavailable: settings.dedup.on_unavailable,
@@ -185,7 +184,7 @@ impl Application {
             unknown_scheme_log: UnknownSchemeLog::default(),
             lifecycle: lifecycle.clone(),
         });
-        if settings.dedup.backend == DedupBackend::Redis {
+        if matches!(settings.dedup.store, DedupStore::Redis(_)) {
             tasks.push(tokio::spawn(ping_dedup(relay.clone(), background.clone())));
         }
         if settings.http.rate_limit_per_sec > 0 {
@@ -216,7 +215,7 @@ impl Application {
             .context("Failed to read the admin address")?;
 
         let path = settings.http.webhook_path.clone();
-        let tls = settings.http.tls_config()?;
+        let tls = settings.http.tls.as_ref().map(|tls| tls.server_config());
         let webhook_server = HttpServer::new(move || {
             App::new()
                 .app_data(relay.clone())
@@ -235,7 +234,7 @@ impl Application {
             .context("Failed to listen on http.listen")?
             .disable_signals()
             .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
-            .shutdown_timeout(settings.shutdown.grace_secs)
+            .shutdown_timeout(settings.shutdown.grace.as_secs())
             .run();
 
         let admin_server: Server = HttpServer::new(move || {
@@ -269,7 +268,7 @@ impl Application {
             admin = %admin_addr,
             auth_mode = settings.auth.mode.as_str(),
             sink = ?settings.sink,
-            dedup = ?settings.dedup.backend,
+            dedup = ?settings.dedup.backend(),
             api = ?api_addr,
             "sendtalk-relay listening"
         );
@@ -289,7 +288,7 @@ impl Application {
             pipelines_min_wait: settings.worst_case_pipeline(),
             sink: sink_for_shutdown,
             accepting,
-            grace: settings.shutdown.grace(),
+            grace: settings.shutdown.grace,
             metrics,
             spool,
             publisher,
@@ -434,42 +433,42 @@ fn build_lifecycle(
     const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
     let policy = StorePolicy {
         key_prefix: settings.dedup.key_prefix.clone(),
-        ttl: settings.dedup.ttl(),
+        ttl: settings.dedup.ttl,
         idempotency_ttl: IDEMPOTENCY_TTL,
         // Outlives one create: SendTalk's timeout, then storing and
         // publishing the pending event in the worst case.
-        running_ttl: settings.sendtalk.timeout() + settings.worst_case_pipeline(),
+        running_ttl: settings.sendtalk.timeout + settings.worst_case_pipeline(),
     };
-    let store = match settings.dedup.backend {
-        DedupBackend::Memory => Store::Memory(MemoryStore::new(policy)),
-        DedupBackend::Redis => Store::Redis(Box::new(
-            RedisStore::new(&settings.redis, policy)
+    let store = match &settings.dedup.store {
+        DedupStore::Memory => Store::Memory(MemoryStore::new(policy)),
+        DedupStore::Redis(redis) => Store::Redis(Box::new(
+            RedisStore::new(redis, policy)
                 .context("Failed to create the Redis client of the lifecycle store")?,
         )),
     };
     let api_key = settings
         .sendtalk
-        .resolved_api_key
+        .api_key
         .clone()
         .context("sendtalk.api_key is checked at load when api.enabled")?;
     let sendtalk = crate::api::sendtalk::SendTalkClient::new(
-        &settings.sendtalk.base_url,
+        settings.sendtalk.base_url.as_str(),
         api_key,
-        settings.sendtalk.timeout(),
+        settings.sendtalk.timeout,
         metrics.sendtalk(),
     )
     .context("Failed to create the SendTalk HTTP client")?;
     Ok(crate::api::Lifecycle {
         store,
         sendtalk,
-        tokens: settings.api.resolved_tokens.clone(),
+        tokens: settings.api.tokens.clone(),
         sink,
         spool,
         metrics: metrics.clone(),
         default_language: settings.sendtalk.default_language.clone(),
         default_expiry_minutes: settings.sendtalk.default_expiry_minutes,
-        expiry_lease: settings.dedup.lease(),
-        expiry_check: settings.api.expiry_check(),
+        expiry_lease: settings.dedup.lease,
+        expiry_check: settings.api.expiry_check,
     })
 }
 
@@ -515,7 +514,7 @@ fn serve_api(
     .context("Failed to listen on api.listen")?
     .disable_signals()
     .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
-    .shutdown_timeout(settings.shutdown.grace_secs)
+    .shutdown_timeout(settings.shutdown.grace.as_secs())
     .run();
     Ok((addr, server))
 }

@@ -255,7 +255,7 @@ fn configmap_settings() -> Settings {
 
 /// The effective grace: the ConfigMap may raise it above the default.
 fn grace_secs() -> u64 {
-    default_grace_secs().max(configmap_settings().shutdown.grace_secs)
+    default_grace_secs().max(configmap_settings().shutdown.grace.as_secs())
 }
 
 /// A container port given by number or by name.
@@ -582,7 +582,7 @@ fn compose_configures_a_complete_relay_through_the_environment_only() {
     );
     let settings = compose_relay_settings(&env);
     assert_eq!(settings.sink, SinkKind::Amqp);
-    assert_eq!(settings.dedup.backend, DedupBackend::Redis);
+    assert_eq!(settings.dedup.backend(), DedupBackend::Redis);
     assert!(settings.http.listen.ip().is_unspecified());
     assert!(settings.admin.listen.ip().is_unspecified());
     assert!(!settings.using_dev_secret);
@@ -666,7 +666,7 @@ fn configmap_relay_toml_loads_and_matches_the_pod_layout() {
     let settings = configmap_settings();
     assert_eq!(settings.sink, SinkKind::Amqp);
     assert_eq!(
-        settings.dedup.backend,
+        settings.dedup.backend(),
         DedupBackend::Redis,
         "replicas must share dedup"
     );

@@ -851,10 +851,7 @@ async fn with_redis_down_the_api_answers_503_and_an_idempotent_create_never_call
 fn redis_store(prefix: &str) -> Store {
     Store::Redis(Box::new(
         RedisStore::new(
-            &RedisSettings {
-                url: REDIS_URL.into(),
-                ..Default::default()
-            },
+            &RedisSettings::standalone(REDIS_URL).unwrap(),
             StorePolicy {
                 key_prefix: prefix.to_string(),
                 ttl: Duration::from_secs(600),

@@ -1,16 +1,17 @@
 //! The `[api]` and `[sendtalk]` configuration sections (SPEC 7, 9): their
-//! defaults, validation and the resolution of tokens and the API key from
-//! files. `config.rs` only embeds these structs and calls [`check`], so the
-//! lifecycle API's settings live next to the code that uses them.
+//! defaults, validation into typed settings and the resolution of tokens and
+//! the API key from files. `config` only embeds the raw sections and calls
+//! [`check`], so the lifecycle API's settings live next to the code that
+//! uses them. Tokens and the key are `SecretString` from deserialisation on.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret as _, SecretString};
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use crate::config::{redact_url_password, redacted_secret, redacted_secrets, ConfigError};
 
 /// SendTalk's documented production base URL.
 const DEFAULT_BASE_URL: &str = "https://sendtalk-api.taptalk.io";
@@ -27,22 +28,19 @@ pub const EXPIRY_MINUTES_RANGE: std::ops::RangeInclusive<u32> = 1..=1440;
 /// The languages SendTalk documents for `languageCode`.
 pub const LANGUAGES: [&str; 2] = ["en", "id"];
 
-/// `[api]`: the client-facing lifecycle API (SPEC 9).
+/// `[api]` as written; `tokens` are secret from the moment they are read.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ApiSettings {
-    pub enabled: bool,
-    /// Its own listener: internal callers only, never the public port.
-    pub listen: SocketAddr,
-    pub tokens: Vec<String>,
-    pub token_files: Vec<PathBuf>,
-    pub expiry_check_secs: u64,
-    /// Tokens from `tokens` and `token_files`; filled by [`check`].
-    #[serde(skip)]
-    pub resolved_tokens: Vec<SecretString>,
+pub(crate) struct RawApi {
+    enabled: bool,
+    listen: SocketAddr,
+    #[serde(serialize_with = "redacted_secrets")]
+    tokens: Vec<SecretString>,
+    token_files: Vec<PathBuf>,
+    expiry_check_secs: u64,
 }
 
-impl Default for ApiSettings {
+impl Default for RawApi {
     fn default() -> Self {
         Self {
             enabled: false,
@@ -50,9 +48,22 @@ impl Default for ApiSettings {
             tokens: Vec::new(),
             token_files: Vec::new(),
             expiry_check_secs: DEFAULT_EXPIRY_CHECK_SECS,
-            resolved_tokens: Vec::new(),
         }
     }
+}
+
+/// `[api]`: the client-facing lifecycle API (SPEC 9), validated.
+#[derive(Clone)]
+pub struct ApiSettings {
+    /// `api.enabled`: the listener is bound only when set.
+    pub enabled: bool,
+    /// Its own listener: internal callers only, never the public port.
+    pub listen: SocketAddr,
+    /// Tokens from `api.tokens` and `api.token_files`; at least one when
+    /// the API is enabled.
+    pub tokens: Vec<SecretString>,
+    /// How often expired verifications are looked for; greater than zero.
+    pub expiry_check: Duration,
 }
 
 /// Hand-written: the tokens never reach a log through `{:?}`.
@@ -62,64 +73,63 @@ impl std::fmt::Debug for ApiSettings {
             .field("enabled", &self.enabled)
             .field("listen", &self.listen)
             .field("tokens", &self.tokens.len())
-            .field("token_files", &self.token_files)
-            .field("expiry_check_secs", &self.expiry_check_secs)
-            .finish_non_exhaustive()
+            .field("expiry_check", &self.expiry_check)
+            .finish()
     }
 }
 
-impl ApiSettings {
-    pub fn expiry_check(&self) -> Duration {
-        Duration::from_secs(self.expiry_check_secs)
-    }
-}
-
-/// `[sendtalk]`: how the relay calls SendTalk's create API.
+/// `[sendtalk]` as written; `api_key` is secret from the moment it is read.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct SendTalkSettings {
-    pub base_url: String,
-    pub api_key: String,
-    pub api_key_file: PathBuf,
-    pub timeout_ms: u64,
-    pub default_language: String,
-    pub default_expiry_minutes: u32,
-    /// The key from `api_key` or `api_key_file`; filled by [`check`].
-    #[serde(skip)]
-    pub resolved_api_key: Option<SecretString>,
+pub(crate) struct RawSendTalk {
+    base_url: String,
+    #[serde(serialize_with = "redacted_secret")]
+    api_key: SecretString,
+    api_key_file: PathBuf,
+    timeout_ms: u64,
+    default_language: String,
+    default_expiry_minutes: u32,
 }
 
-impl Default for SendTalkSettings {
+impl Default for RawSendTalk {
     fn default() -> Self {
         Self {
             base_url: DEFAULT_BASE_URL.into(),
-            api_key: String::new(),
+            api_key: SecretString::default(),
             api_key_file: PathBuf::new(),
             timeout_ms: DEFAULT_TIMEOUT_MS,
             default_language: "en".into(),
             default_expiry_minutes: DEFAULT_EXPIRY_MINUTES,
-            resolved_api_key: None,
         }
     }
+}
+
+/// `[sendtalk]`: how the relay calls SendTalk's create API, validated.
+#[derive(Clone)]
+pub struct SendTalkSettings {
+    /// An `http://` or `https://` URL with a host.
+    pub base_url: reqwest::Url,
+    /// From `api_key` or `api_key_file` (the file wins); always set when
+    /// the API is enabled.
+    pub api_key: Option<SecretString>,
+    /// Greater than zero.
+    pub timeout: Duration,
+    /// One of [`LANGUAGES`].
+    pub default_language: String,
+    /// Within [`EXPIRY_MINUTES_RANGE`].
+    pub default_expiry_minutes: u32,
 }
 
 /// Hand-written: the API key never reaches a log through `{:?}`.
 impl std::fmt::Debug for SendTalkSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SendTalkSettings")
-            .field("base_url", &self.base_url)
-            .field("api_key_set", &!self.api_key.is_empty())
-            .field("api_key_file", &self.api_key_file)
-            .field("timeout_ms", &self.timeout_ms)
+            .field("base_url", &redact_url_password(self.base_url.as_str()))
+            .field("api_key_set", &self.api_key.is_some())
+            .field("timeout", &self.timeout)
             .field("default_language", &self.default_language)
             .field("default_expiry_minutes", &self.default_expiry_minutes)
-            .finish_non_exhaustive()
-    }
-}
-
-impl SendTalkSettings {
-    pub fn timeout(&self) -> Duration {
-        Duration::from_millis(self.timeout_ms)
+            .finish()
     }
 }
 
@@ -127,11 +137,11 @@ impl SendTalkSettings {
 /// even with the API off, so that turning it on later is not the moment a
 /// typo is found; secrets are only required when it is on. `taken` are the
 /// other listeners' addresses (`http.listen`, `admin.listen`).
-pub fn check(
-    api: &mut ApiSettings,
-    sendtalk: &mut SendTalkSettings,
+pub(crate) fn check(
+    api: RawApi,
+    sendtalk: RawSendTalk,
     taken: &[SocketAddr],
-) -> Result<(), ConfigError> {
+) -> Result<(ApiSettings, SendTalkSettings), ConfigError> {
     if api.enabled && api.listen.port() != 0 && taken.contains(&api.listen) {
         return Err(ConfigError::new(
             "api.listen",
@@ -172,20 +182,19 @@ pub fn check(
     }
 
     let mut tokens = Vec::new();
-    for (i, t) in api.tokens.iter().enumerate() {
-        if t.trim().is_empty() {
+    for (i, t) in api.tokens.into_iter().enumerate() {
+        if t.expose_secret().trim().is_empty() {
             return Err(ConfigError::new(
                 format!("api.tokens[{i}]"),
                 "must not be empty",
             ));
         }
-        tokens.push(SecretString::from(t.clone()));
+        tokens.push(t);
     }
     for (i, path) in api.token_files.iter().enumerate() {
         tokens.push(read_secret_file(&format!("api.token_files[{i}]"), path)?);
     }
-    let mut api_key =
-        (!sendtalk.api_key.is_empty()).then(|| SecretString::from(sendtalk.api_key.clone()));
+    let mut api_key = (!sendtalk.api_key.expose_secret().is_empty()).then_some(sendtalk.api_key);
     if !sendtalk.api_key_file.as_os_str().is_empty() {
         api_key = Some(read_secret_file(
             "sendtalk.api_key_file",
@@ -206,9 +215,20 @@ pub fn check(
             ));
         }
     }
-    api.resolved_tokens = tokens;
-    sendtalk.resolved_api_key = api_key;
-    Ok(())
+    let api = ApiSettings {
+        enabled: api.enabled,
+        listen: api.listen,
+        tokens,
+        expiry_check: Duration::from_secs(api.expiry_check_secs),
+    };
+    let sendtalk = SendTalkSettings {
+        base_url: url,
+        api_key,
+        timeout: Duration::from_millis(sendtalk.timeout_ms),
+        default_language: sendtalk.default_language,
+        default_expiry_minutes: sendtalk.default_expiry_minutes,
+    };
+    Ok((api, sendtalk))
 }
 
 fn read_secret_file(key: &str, path: &std::path::Path) -> Result<SecretString, ConfigError> {
@@ -224,42 +244,33 @@ fn read_secret_file(key: &str, path: &std::path::Path) -> Result<SecretString, C
     Ok(SecretString::from(trimmed.to_string()))
 }
 
-/// Replaces every secret of both sections with `"<redacted>"` for
-/// `check-config`.
-pub fn redact(api: &mut ApiSettings, sendtalk: &mut SendTalkSettings, redacted: &str) {
-    api.tokens = api.tokens.iter().map(|_| redacted.to_string()).collect();
-    if !sendtalk.api_key.is_empty() {
-        sendtalk.api_key = redacted.to_string();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn both() -> (ApiSettings, SendTalkSettings) {
-        (ApiSettings::default(), SendTalkSettings::default())
+    fn both() -> (RawApi, RawSendTalk) {
+        (RawApi::default(), RawSendTalk::default())
     }
 
     #[test]
     fn defaults_pass_with_the_api_off() {
-        let (mut a, mut s) = both();
-        check(&mut a, &mut s, &[]).unwrap();
+        let (a, s) = both();
+        check(a, s, &[]).unwrap();
     }
 
     #[test]
     fn enabling_the_api_needs_a_token_then_an_api_key() {
         let (mut a, mut s) = both();
         a.enabled = true;
-        assert_eq!(check(&mut a, &mut s, &[]).unwrap_err().key, "api.tokens");
+        let err = check(a.clone(), s.clone(), &[]).unwrap_err();
+        assert_eq!(err.key, "api.tokens");
         a.tokens = vec!["t".into()];
-        assert_eq!(
-            check(&mut a, &mut s, &[]).unwrap_err().key,
-            "sendtalk.api_key"
-        );
+        let err = check(a.clone(), s.clone(), &[]).unwrap_err();
+        assert_eq!(err.key, "sendtalk.api_key");
         s.api_key = "k".into();
-        check(&mut a, &mut s, &[]).unwrap();
-        assert_eq!(a.resolved_tokens.len(), 1);
+        let (api, sendtalk) = check(a, s, &[]).unwrap();
+        assert_eq!(api.tokens.len(), 1);
+        assert_eq!(sendtalk.api_key.unwrap().expose_secret(), "k");
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -305,7 +316,7 @@ mod tests {
             ]),
         )
         .unwrap();
-        assert_eq!(s.api.resolved_tokens.len(), 2);
+        assert_eq!(s.api.tokens.len(), 2);
         let out = s.redacted_toml();
         for secret in ["tok-one", "tok-two", "the-api-key"] {
             assert!(!out.contains(secret), "{out}");
@@ -315,7 +326,7 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_key() {
-        type Spoil = fn(&mut ApiSettings, &mut SendTalkSettings);
+        type Spoil = fn(&mut RawApi, &mut RawSendTalk);
         let cases: [(&str, Spoil); 5] = [
             ("sendtalk.default_language", |_, s| {
                 s.default_language = "fr".into()
@@ -330,7 +341,7 @@ mod tests {
         for (key, spoil) in cases {
             let (mut a, mut s) = both();
             spoil(&mut a, &mut s);
-            assert_eq!(check(&mut a, &mut s, &[]).unwrap_err().key, key);
+            assert_eq!(check(a, s, &[]).unwrap_err().key, key);
         }
     }
 }

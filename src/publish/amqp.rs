@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::link::{Attempt, Link, Outgoing, Settled};
 use super::{topology, PublishError};
-use crate::config::{redact_url_password, render_routing_key, AmqpSettings, OnUnroutable};
+use crate::config::{AmqpSettings, BrokerUri, OnUnroutable};
 use crate::message::Envelope;
 
 /// First reconnect delay; doubles up to [`RECONNECT_MAX`], with jitter so
@@ -57,6 +57,7 @@ pub struct AmqpPublisher {
 }
 
 struct Inner {
+    /// The validated `[amqp]` section: parsed URIs, exchange, routing key.
     settings: AmqpSettings,
     /// The open connection, `None` while disconnected. Written by the
     /// supervisor; read-locked only to clone the `Arc`, never across an await.
@@ -140,10 +141,10 @@ impl AmqpPublisher {
     async fn publish_event(&self, envelope: &Envelope) -> Result<(), PublishError> {
         let link = self.link().ok_or(PublishError::NotConnected)?;
         let settings = &self.inner.settings;
-        let routing_key = render_routing_key(&settings.routing_key, &envelope.status);
-        let timeout = settings.confirm_timeout();
+        let routing_key = settings.routing_key.render(&envelope.status);
+        let timeout = settings.confirm_timeout;
         let message = Outgoing {
-            exchange: &settings.exchange,
+            exchange: settings.exchange.as_str(),
             routing_key: &routing_key,
             mandatory: true,
             body: &envelope.body,
@@ -176,10 +177,9 @@ impl AmqpPublisher {
         reason: &str,
         request_id: &str,
     ) -> Result<(), PublishError> {
-        let exchange = &self.inner.settings.quarantine_exchange;
-        if exchange.is_empty() {
+        let Some(exchange) = &self.inner.settings.quarantine_exchange else {
             return Ok(());
-        }
+        };
         let link = self.link().ok_or(PublishError::NotConnected)?;
         let mut headers = FieldTable::default();
         headers.insert(
@@ -192,7 +192,7 @@ impl AmqpPublisher {
         );
         let routing_key = format!("rejected.{reason}");
         let message = Outgoing {
-            exchange,
+            exchange: exchange.as_str(),
             routing_key: &routing_key,
             // Nobody has to take a rejected body; a return would be noise.
             mandatory: false,
@@ -202,7 +202,7 @@ impl AmqpPublisher {
                 .with_app_id(APP_ID.into())
                 .with_headers(headers),
         };
-        let timeout = self.inner.settings.confirm_timeout();
+        let timeout = self.inner.settings.confirm_timeout;
         match link
             .publish(message, Instant::now() + timeout, timeout)
             .await?
@@ -218,14 +218,14 @@ impl AmqpPublisher {
     /// backoff and jitter whenever the connection is lost.
     pub async fn supervise(self, shutdown: CancellationToken) {
         let mut delay = RECONNECT_MIN;
-        let uris = self.inner.settings.uris();
+        let uris = &self.inner.settings.uris;
         let mut next_uri = 0usize;
         while !shutdown.is_cancelled() {
             let uri = &uris[next_uri % uris.len()];
             match self.connect(uri).await {
                 Ok(link) => {
                     delay = RECONNECT_MIN;
-                    tracing::info!(broker = %redact_url_password(uri), "connected to the broker");
+                    tracing::info!(broker = %uri, "connected to the broker");
                     self.watch(&link, &shutdown).await;
                     self.disconnect().await;
                     if shutdown.is_cancelled() {
@@ -236,7 +236,7 @@ impl AmqpPublisher {
                     next_uri = 0;
                 }
                 Err(e) => {
-                    tracing::warn!(broker = %redact_url_password(uri), error = %e, retry_in_ms = delay.as_millis() as u64, "could not connect to the broker");
+                    tracing::warn!(broker = %uri, error = %e, retry_in_ms = delay.as_millis() as u64, "could not connect to the broker");
                     next_uri += 1;
                     let jittered = delay.mul_f64(rand::random_range(0.5..1.0));
                     tokio::select! {
@@ -250,9 +250,9 @@ impl AmqpPublisher {
         self.disconnect().await;
     }
 
-    async fn connect(&self, uri: &str) -> Result<Arc<Link>, ConnectError> {
+    async fn connect(&self, uri: &BrokerUri) -> Result<Arc<Link>, ConnectError> {
         let props = ConnectionProperties::default().with_connection_name(APP_ID.into());
-        let mut parsed: lapin::uri::AMQPUri = uri.parse().map_err(ConnectError::Uri)?;
+        let mut parsed = uri.amqp_uri().clone();
         if parsed.query.frame_max.is_none() {
             parsed.query.frame_max = Some(DEFAULT_FRAME_MAX);
         }
@@ -268,7 +268,7 @@ impl AmqpPublisher {
             .await
         };
         // A blackholed broker would otherwise hang the handshake indefinitely.
-        let within = settings.confirm_timeout().max(MIN_CONNECT_TIMEOUT);
+        let within = settings.confirm_timeout.max(MIN_CONNECT_TIMEOUT);
         let link = tokio::time::timeout(within, open)
             .await
             .map_err(|_| ConnectError::Timeout(within))??;
@@ -285,7 +285,7 @@ impl AmqpPublisher {
 
     /// Returns when the connection is no longer usable or on shutdown.
     async fn watch(&self, link: &Link, shutdown: &CancellationToken) {
-        let timeout = self.inner.settings.confirm_timeout();
+        let timeout = self.inner.settings.confirm_timeout;
         let mut blocked = link.blocked_changes();
         let mut was_blocked = false;
         loop {
@@ -363,8 +363,6 @@ impl AmqpPublisher {
 /// Why a connection attempt failed.
 #[derive(Debug, thiserror::Error)]
 enum ConnectError {
-    #[error("invalid amqp.uri: {0}")]
-    Uri(String),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
     #[error(transparent)]

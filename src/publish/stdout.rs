@@ -1,23 +1,22 @@
 //! The embedded demo sink: one JSON line per event on standard output, shaped
 //! like the AMQP message (routing key, properties, headers, body).
 
-use crate::config::render_routing_key;
+use crate::config::RoutingKey;
 use crate::message::Envelope;
 
 use super::PublishError;
 
 /// One JSON line per event on standard output.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct StdoutSink {
-    routing_key: String,
+    /// `amqp.routing_key`: each line shows the key the broker would see.
+    routing_key: RoutingKey,
 }
 
 impl StdoutSink {
-    /// A sink rendering routing keys from `routing_key_template`.
-    pub fn new(routing_key_template: &str) -> Self {
-        Self {
-            routing_key: routing_key_template.to_string(),
-        }
+    /// A sink rendering routing keys from `routing_key`.
+    pub fn new(routing_key: RoutingKey) -> Self {
+        Self { routing_key }
     }
 
     pub(super) fn publish(&self, envelope: &Envelope) -> Result<(), PublishError> {
@@ -37,7 +36,7 @@ impl StdoutSink {
             headers["x-phone-match"] = matched.to_string().into();
         }
         let line = serde_json::json!({
-            "routing_key": render_routing_key(&self.routing_key, &envelope.status),
+            "routing_key": self.routing_key.render(&envelope.status),
             "message_id": envelope.message_id,
             "type": envelope.message_type(),
             "headers": headers,

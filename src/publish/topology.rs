@@ -7,16 +7,7 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ExchangeKind};
 
-use crate::config::{AmqpSettings, QueueSettings};
-
-fn exchange_kind(kind: &str) -> ExchangeKind {
-    match kind {
-        "direct" => ExchangeKind::Direct,
-        "fanout" => ExchangeKind::Fanout,
-        "headers" => ExchangeKind::Headers,
-        _ => ExchangeKind::Topic,
-    }
-}
+use crate::config::{AmqpSettings, ExchangeName, QueueSettings};
 
 /// Declares the exchanges and queues of `settings` (idempotent).
 pub async fn declare(channel: &Channel, settings: &AmqpSettings) -> Result<(), lapin::Error> {
@@ -27,15 +18,15 @@ pub async fn declare(channel: &Channel, settings: &AmqpSettings) -> Result<(), l
     channel
         .exchange_declare(
             settings.exchange.as_str().into(),
-            exchange_kind(&settings.exchange_type),
+            settings.exchange_type.kind(),
             durable,
             FieldTable::default(),
         )
         .await?;
-    if !settings.quarantine_exchange.is_empty() {
+    if let Some(quarantine) = &settings.quarantine_exchange {
         channel
             .exchange_declare(
-                settings.quarantine_exchange.as_str().into(),
+                quarantine.as_str().into(),
                 ExchangeKind::Topic,
                 durable,
                 FieldTable::default(),
@@ -50,7 +41,7 @@ pub async fn declare(channel: &Channel, settings: &AmqpSettings) -> Result<(), l
 
 async fn declare_queue(
     channel: &Channel,
-    exchange: &str,
+    exchange: &ExchangeName,
     queue: &QueueSettings,
 ) -> Result<(), lapin::Error> {
     let mut args = FieldTable::default();
@@ -60,10 +51,10 @@ async fn declare_queue(
             AMQPValue::LongString(LongString::from("quorum")),
         );
     }
-    if !queue.dead_letter_exchange.is_empty() {
+    if let Some(dead_letter) = &queue.dead_letter_exchange {
         args.insert(
             "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(LongString::from(queue.dead_letter_exchange.as_str())),
+            AMQPValue::LongString(LongString::from(dead_letter.as_str())),
         );
     }
     channel
@@ -79,7 +70,7 @@ async fn declare_queue(
     channel
         .queue_bind(
             queue.name.as_str().into(),
-            exchange.into(),
+            exchange.as_str().into(),
             queue.binding_key.as_str().into(),
             QueueBindOptions::default(),
             FieldTable::default(),

@@ -1,0 +1,320 @@
+//! `[http]` and `[admin]`: the listeners, the webhook path and body limit,
+//! the optional rate limit, the trusted proxies ([`IpNet`]) and HTTPS, whose
+//! PEM files are loaded here, at configuration time, so a bad certificate
+//! exits 64 before any socket is bound.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+
+/// SendTalk payloads are ~150 bytes; 64 KiB leaves room for future fields
+/// while keeping a flood of large bodies cheap to refuse.
+const DEFAULT_MAX_BODY_BYTES: usize = 65_536;
+
+/// `[http]` as written.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawHttp {
+    listen: SocketAddr,
+    webhook_path: String,
+    max_body_bytes: usize,
+    rate_limit_per_sec: u32,
+    rate_limit_burst: u32,
+    trusted_proxies: Vec<IpNet>,
+    tls_cert_file: String,
+    tls_key_file: String,
+}
+
+impl Default for RawHttp {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            webhook_path: "/webhooks/sendtalk/verification".into(),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            // Off: SendTalk is the only legitimate sender and its retries
+            // must not be refused unless an operator decides otherwise.
+            rate_limit_per_sec: 0,
+            rate_limit_burst: 0,
+            trusted_proxies: Vec::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+        }
+    }
+}
+
+/// `[http]`: the public webhook listener.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// `http.listen`.
+    pub listen: SocketAddr,
+    /// Starts with `/`.
+    pub webhook_path: String,
+    /// Greater than 0.
+    pub max_body_bytes: usize,
+    /// Webhooks per second per client IP; 0 turns the limit off.
+    pub rate_limit_per_sec: u32,
+    /// Requests a client may send at once; 0 means one second's worth.
+    pub rate_limit_burst: u32,
+    /// Proxies (IPs or CIDRs) whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// HTTPS on the webhook listener, already loaded; `None` serves plain
+    /// HTTP (neither `http.tls_cert_file` nor `http.tls_key_file` set).
+    pub tls: Option<ServerTls>,
+}
+
+impl RawHttp {
+    pub(super) fn validate(self) -> Result<HttpSettings, ConfigError> {
+        if !self.webhook_path.starts_with('/') {
+            return Err(ConfigError::new("http.webhook_path", "must start with `/`"));
+        }
+        if self.max_body_bytes == 0 {
+            return Err(ConfigError::new(
+                "http.max_body_bytes",
+                "must be greater than 0",
+            ));
+        }
+        if self.tls_cert_file.is_empty() != self.tls_key_file.is_empty() {
+            return Err(ConfigError::new(
+                "http.tls_key_file",
+                "set both http.tls_cert_file and http.tls_key_file, or neither",
+            ));
+        }
+        for (key, path) in [
+            ("http.tls_cert_file", &self.tls_cert_file),
+            ("http.tls_key_file", &self.tls_key_file),
+        ] {
+            if !path.is_empty() && !Path::new(path).is_file() {
+                return Err(ConfigError::new(
+                    key,
+                    format!("{path} is not a readable file"),
+                ));
+            }
+        }
+        // A certificate that does not parse, or a key that does not match
+        // it, is a configuration error: exit 64 before any socket is bound.
+        let tls = if self.tls_cert_file.is_empty() {
+            None
+        } else {
+            Some(ServerTls::load(&self.tls_cert_file, &self.tls_key_file)?)
+        };
+        Ok(HttpSettings {
+            listen: self.listen,
+            webhook_path: self.webhook_path,
+            max_body_bytes: self.max_body_bytes,
+            rate_limit_per_sec: self.rate_limit_per_sec,
+            rate_limit_burst: self.rate_limit_burst,
+            trusted_proxies: self.trusted_proxies,
+            tls,
+        })
+    }
+}
+
+/// The webhook listener's HTTPS: the rustls configuration built from
+/// `http.tls_cert_file` and `http.tls_key_file` when the settings load.
+#[derive(Clone)]
+pub struct ServerTls {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    /// Holds the private key; never printed.
+    config: Arc<rustls::ServerConfig>,
+}
+
+impl ServerTls {
+    /// Reads the PEM certificate chain and private key and checks they match.
+    fn load(cert_file: &str, key_file: &str) -> Result<Self, ConfigError> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_file_iter(cert_file)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| {
+                ConfigError::new(
+                    "http.tls_cert_file",
+                    format!("{cert_file} holds no readable PEM certificate chain: {e}"),
+                )
+            })?;
+        if certs.is_empty() {
+            return Err(ConfigError::new(
+                "http.tls_cert_file",
+                format!("{cert_file} holds no certificate"),
+            ));
+        }
+        let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| {
+            ConfigError::new(
+                "http.tls_key_file",
+                format!("{key_file} holds no readable PEM private key: {e}"),
+            )
+        })?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ConfigError::new("http.tls_cert_file", e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| {
+                ConfigError::new(
+                    "http.tls_key_file",
+                    format!("the key does not match the certificate: {e}"),
+                )
+            })?;
+        Ok(Self {
+            cert_file: cert_file.into(),
+            key_file: key_file.into(),
+            config: Arc::new(config),
+        })
+    }
+
+    /// The rustls server configuration for the webhook listener.
+    pub fn server_config(&self) -> rustls::ServerConfig {
+        (*self.config).clone()
+    }
+}
+
+/// Hand-written: the loaded configuration holds the private key.
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `[admin]`: the metrics and probes listener. Nothing in it needs parsing
+/// beyond serde's, so the raw and the typed form are one struct.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSettings {
+    /// `admin.listen`.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        // Loopback: metrics and readiness are for the node, not the internet.
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+        }
+    }
+}
+
+/// An IP network (`10.0.0.0/8`, `fd00::/8`) or a single address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    /// True when `ip` is inside the network (never across IPv4 and IPv6).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::{V4, V6};
+        match (self.addr, ip) {
+            (V4(net), V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (V6(net), V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for IpNet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not an IP address or CIDR"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("`{s}` has a bad prefix length"))?,
+            None => max,
+        };
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl std::fmt::Display for IpNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl Serialize for IpNet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for IpNet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::env;
+    use super::super::Settings;
+
+    #[test]
+    fn trusted_proxies_take_addresses_and_cidrs() {
+        let s = Settings::load(
+            None,
+            env(&[(
+                "SENDTALK_RELAY__HTTP__TRUSTED_PROXIES",
+                "10.0.0.0/8, 192.0.2.7,fd00::/8",
+            )]),
+        )
+        .unwrap();
+        let nets = &s.http.trusted_proxies;
+        assert!(nets[0].contains("10.200.1.1".parse().unwrap()));
+        assert!(!nets[0].contains("11.0.0.1".parse().unwrap()));
+        assert!(
+            nets[1].contains("192.0.2.7".parse().unwrap())
+                && !nets[1].contains("192.0.2.8".parse().unwrap())
+        );
+        assert!(nets[2].contains("fd12::1".parse().unwrap()));
+        let err = Settings::load(
+            None,
+            env(&[("SENDTALK_RELAY__HTTP__TRUSTED_PROXIES", "10.0.0.0/40")]),
+        )
+        .unwrap_err();
+        assert!(err.key.starts_with("http.trusted_proxies"), "{err}");
+        let err = Settings::load(
+            None,
+            env(&[("SENDTALK_RELAY__HTTP__TLS_CERT_FILE", "/nonexistent.pem")]),
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "http.tls_key_file", "both or neither");
+    }
+
+    #[test]
+    fn no_tls_files_means_plain_http() {
+        let s = Settings::load(None, env(&[])).unwrap();
+        assert!(s.http.tls.is_none());
+    }
+}
