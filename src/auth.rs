@@ -49,14 +49,10 @@ impl AuthenticatedBody {
 }
 
 /// Access to request headers, so the verifier does not depend on a web framework.
+/// (The impl for actix's `HeaderMap` lives with the webhook route.)
 pub trait Headers {
+    /// The raw value of the first header called `name` (case-insensitive).
     fn get(&self, name: &str) -> Option<&[u8]>;
-}
-
-impl Headers for actix_web::http::header::HeaderMap {
-    fn get(&self, name: &str) -> Option<&[u8]> {
-        actix_web::http::header::HeaderMap::get(self, name).map(|v| v.as_bytes())
-    }
 }
 
 /// Key material derived once from the configured secrets.

@@ -94,7 +94,7 @@ impl LeaseToken {
     fn new() -> Self {
         Self(format!(
             "{LEASE_PREFIX}{}",
-            crate::telemetry::fast_uuid().simple()
+            crate::ids::random_uuid().simple()
         ))
     }
 }
@@ -123,6 +123,7 @@ impl std::fmt::Debug for Dedup {
 }
 
 impl Dedup {
+    #[tracing::instrument(name = "claim", level = "debug", skip_all)]
     pub async fn claim(&self, id: &VerificationId) -> Result<Claim, DedupError> {
         match self {
             Dedup::Redis(r) => r.claim(id).await,
@@ -130,6 +131,7 @@ impl Dedup {
         }
     }
 
+    #[tracing::instrument(name = "commit", level = "debug", skip_all)]
     pub async fn commit(
         &self,
         id: &VerificationId,
@@ -146,6 +148,7 @@ impl Dedup {
         }
     }
 
+    #[tracing::instrument(name = "release", level = "debug", skip_all)]
     pub async fn release(&self, id: &VerificationId, token: &LeaseToken) -> Result<(), DedupError> {
         match self {
             Dedup::Redis(r) => r.release(id, token).await,

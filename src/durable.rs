@@ -28,6 +28,7 @@ pub struct NotDurable(pub String);
 /// `stages`: where the webhook times its publish and spool stages
 /// (`stage_duration_seconds`); `None` for lifecycle events, which are not
 /// part of a webhook's pipeline.
+#[tracing::instrument(name = "make_durable", level = "debug", skip_all, fields(message_id = envelope.message_id.as_str()))]
 pub async fn make_durable(
     sink: &Sink,
     spool: Option<&Spool>,

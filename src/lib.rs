@@ -19,17 +19,21 @@
 //! - [`redis_conn`]: Redis connections per `redis.mode` (standalone,
 //!   cluster, sentinel).
 //! - [`message`]: the event record the publisher, the sink and the spool carry.
-//! - [`publish`]: RabbitMQ publisher (a channel per in-flight publish, confirms,
-//!   blocked-connection handling, reconnection); stdout sink.
+//! - [`publish`]: RabbitMQ publisher (a few confirmed channels, many publishes
+//!   in flight, returns matched per publish, blocked-connection handling,
+//!   reconnection); stdout sink.
 //! - [`spool`]: the durable on-disk buffer (holds for late confirms and
 //!   refused entries, recovery from I/O errors) and its drainer.
 //! - [`ratelimit`]: optional per-client rate limit and the client-IP rule.
 //! - [`metrics`]: every exported metric, in one registry per app.
-//! - [`routes`]: the webhook endpoint (where the stages meet) and admin endpoints.
-//! - [`startup`]: the only place that creates clients and binds sockets.
+//! - [`routes`]: the webhook endpoint (where the stages meet; its error
+//!   mapping and request reading beside it) and admin endpoints.
+//! - [`startup`]: the only place that creates clients and binds sockets, in
+//!   named steps; its listeners and the ordered shutdown beside it.
 //! - [`shutdown`]: signal handling.
 //! - [`cli`]: the `sign` and `send-test` helpers of the command line.
 //! - [`durable`]: publish with confirm or spool: one function for every event.
+//! - [`ids`]: random request ids and lease tokens.
 //! - [`api`]: the verification lifecycle API (SPEC 9), its SendTalk client,
 //!   store, expiry sweeper and OpenAPI document.
 
@@ -39,6 +43,7 @@ pub mod cli;
 pub mod config;
 pub mod dedup;
 pub mod durable;
+pub mod ids;
 pub mod message;
 pub mod metrics;
 pub mod payload;

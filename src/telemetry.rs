@@ -20,16 +20,13 @@ pub fn init(settings: &LogSettings) {
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
-            .with_current_span(false)
+            // A stage's line carries the webhook's span (request id,
+            // verification id); the per-webhook line is written outside it.
+            .with_current_span(true)
+            .with_span_list(false)
             .try_init(),
         LogFormat::Pretty => builder.pretty().try_init(),
     };
-}
-
-/// A random (v4) UUID from the thread-local generator: `Uuid::new_v4` asks
-/// the kernel for randomness on every call, two syscalls per webhook.
-pub fn fast_uuid() -> uuid::Uuid {
-    uuid::Builder::from_random_bytes(rand::random()).into_uuid()
 }
 
 /// Hides the middle of a phone number: `6281212345678` -> `6281****678`.

@@ -46,7 +46,7 @@ pub async fn sweep(lifecycle: &Lifecycle, shutdown: &CancellationToken) {
 }
 
 async fn expire_one(lifecycle: &Lifecycle, id: &str, now: u64) {
-    let token = crate::telemetry::fast_uuid().simple().to_string();
+    let token = crate::ids::random_uuid().simple().to_string();
     let record = match lifecycle
         .store
         .claim_expiry(id, now, lifecycle.expiry_lease, &token)
