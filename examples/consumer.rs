@@ -10,7 +10,13 @@
 //! ```
 //!
 //! Every flag also reads an environment variable: `AMQP_URI`, `EXCHANGE`,
-//! `QUEUE`, `BINDING`. One line per delivery goes to standard output.
+//! `QUEUE`, `BINDING`, `QUEUE_TYPE`. One line per delivery goes to standard
+//! output.
+//!
+//! `QUEUE_TYPE=quorum` declares a quorum queue (replicated over a RabbitMQ
+//! cluster): the same declaration as the relay's `[[amqp.queues]]` with
+//! `quorum = true`, so either side may declare it first
+//! (`deploy/compose.ha.yaml`).
 //!
 //! Delivery is at least once (SPEC 3): a confirm timeout or a Redis failover
 //! can deliver an event twice, both copies with the same `message_id`. The
@@ -54,6 +60,31 @@ struct Args {
     /// Which routing keys to receive (the relay sends `verification.<status>`).
     #[arg(long, env = "BINDING", default_value = "verification.#")]
     binding: String,
+    /// The queue's type: `classic`, or `quorum` on a RabbitMQ cluster.
+    #[arg(long, env = "QUEUE_TYPE", value_enum, default_value_t = QueueType::Classic)]
+    queue_type: QueueType,
+}
+
+/// `x-queue-type` of the declared queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum QueueType {
+    /// No `x-queue-type` argument: the broker's classic queue.
+    Classic,
+    /// `x-queue-type = quorum`, as the relay declares with `quorum = true`.
+    Quorum,
+}
+
+impl QueueType {
+    fn arguments(self) -> FieldTable {
+        let mut arguments = FieldTable::default();
+        if self == QueueType::Quorum {
+            arguments.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+        }
+        arguments
+    }
 }
 
 /// What happened to one delivery.
@@ -137,7 +168,7 @@ async fn main() -> anyhow::Result<()> {
                 durable: true,
                 ..Default::default()
             },
-            FieldTable::default(),
+            args.queue_type.arguments(),
         )
         .await
         .with_context(|| format!("Failed to declare the queue {}", args.queue))?;
