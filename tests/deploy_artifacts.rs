@@ -4,6 +4,12 @@
 //! configuration key, the Kubernetes configuration file loads, and every
 //! metric a dashboard or an alert queries is one the relay exports.
 //!
+//! The replicated set-ups (`compose.ha.yaml`, the `kubernetes-ha` overlay)
+//! point the relay at every RabbitMQ node, every sentinel (or cluster seeds)
+//! and a quorum queue, with topologies that agree with that: node names,
+//! sentinel quorum, the shared Erlang cookie, the same start scripts in
+//! compose and Kubernetes, every Secret key present in the template.
+//!
 //! No network and no running services: files are parsed and compared with
 //! `sendtalk_relay::config` and `sendtalk_relay::metrics`. The external
 //! checkers (promtool, yamllint, hadolint, systemd-analyze...) run from
@@ -15,7 +21,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use sendtalk_relay::config::{default_keys, DedupBackend, Settings, SinkKind, CONFIG_FILE_ENV};
+use sendtalk_relay::config::{
+    default_keys, DedupBackend, DedupStore, RedisMode, RedisSettings, RedisUrl, Settings, SinkKind,
+    CONFIG_FILE_ENV,
+};
 use sendtalk_relay::metrics::Metrics;
 use serde::Deserialize as _;
 use serde_json::Value;
@@ -528,6 +537,20 @@ fn every_relay_environment_variable_names_a_real_config_key() {
             named.push((format!("compose.yaml service {service}"), name.clone()));
         }
     }
+    for (service, definition) in compose_ha()["services"].as_object().unwrap() {
+        for name in compose_env(definition).keys() {
+            named.push((format!("compose.ha.yaml service {service}"), name.clone()));
+        }
+    }
+    let patch = yaml_documents("kubernetes-ha/relay-deployment.yaml").remove(0);
+    for container in patch["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+    {
+        for name in container_env(container).keys() {
+            named.push(("kubernetes-ha/relay-deployment.yaml".into(), name.clone()));
+        }
+    }
     for name in systemd_env().keys() {
         named.push(("systemd/sendtalk-relay.service".into(), name.clone()));
     }
@@ -900,4 +923,808 @@ fn spool_near_full_threshold_follows_the_default_spool_max_bytes() {
         u64::try_from(max_bytes).unwrap(),
         "the ConfigMap changes spool.max_bytes: update the alert threshold"
     );
+}
+
+// ---- the replicated back-ends: deploy/compose.ha.yaml, deploy/kubernetes-ha ----
+
+fn compose_ha() -> Value {
+    yaml_documents("compose.ha.yaml").remove(0)
+}
+
+/// Compose interpolation as `docker compose` does it with nothing exported:
+/// `$$` is a literal `$`, `${VAR:-default}` its default, and a required
+/// `${VAR:?message}` a placeholder (a secret the caller supplies).
+fn interpolate(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        if let Some(after) = tail.strip_prefix("$$") {
+            out.push('$');
+            rest = after;
+        } else if let Some(inner) = tail.strip_prefix("${") {
+            let end = inner.find('}').expect("closing brace of ${...}");
+            let expr = &inner[..end];
+            if let Some((_, default)) = expr.split_once(":-") {
+                out.push_str(default);
+            } else if let Some((name, _)) = expr.split_once(":?") {
+                out.push_str(&format!("placeholder-{}", name.to_ascii_lowercase()));
+            } else {
+                panic!("${{{expr}}} has no default: `docker compose` would use an empty string");
+            }
+            rest = &inner[end + 1..];
+        } else {
+            panic!("bare $ in {text:?}: escape it as $$");
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A service's `environment` with compose interpolation resolved.
+fn compose_env_resolved(service: &Value) -> BTreeMap<String, String> {
+    compose_env(service)
+        .into_iter()
+        .map(|(k, v)| (k, interpolate(&v)))
+        .collect()
+}
+
+/// Settings loaded the way the relay does it: an optional file, then the
+/// environment's `SENDTALK_RELAY__*` variables.
+fn load_settings(toml: Option<&str>, env: &BTreeMap<String, String>) -> Settings {
+    let vars: Vec<(String, String)> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let Some(toml) = toml else {
+        return Settings::load(None, vars).unwrap_or_else(|e| panic!("{e}"));
+    };
+    let path = std::env::temp_dir().join(format!(
+        "sendtalk-relay-deploy-{}.toml",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::write(&path, toml).unwrap();
+    let loaded = Settings::load(Some(&path), vars);
+    let _ = std::fs::remove_file(&path);
+    loaded.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `amqp.uri`, each with its password redacted (host, port and user stay).
+fn amqp_uris(settings: &Settings) -> Vec<String> {
+    settings.amqp.uris.iter().map(ToString::to_string).collect()
+}
+
+/// `redis.mode`, the URLs it uses (`redis.url`, the seeds or the sentinels)
+/// and `redis.sentinel_service` (empty outside sentinel mode).
+fn redis_of(settings: &Settings) -> (RedisMode, Vec<String>, String) {
+    let DedupStore::Redis(redis) = &settings.dedup.store else {
+        panic!("dedup.backend is not redis");
+    };
+    let urls = |list: &[RedisUrl]| list.iter().map(|u| u.expose().to_string()).collect();
+    match redis {
+        RedisSettings::Standalone(url) => (
+            RedisMode::Standalone,
+            vec![url.expose().to_string()],
+            String::new(),
+        ),
+        RedisSettings::Cluster(seeds) => (RedisMode::Cluster, urls(seeds), String::new()),
+        RedisSettings::Sentinel { sentinels, service } => {
+            (RedisMode::Sentinel, urls(sentinels), service.clone())
+        }
+    }
+}
+
+/// `host:port` of a `scheme://[user[:password]@]host:port[/path]` URL.
+fn host_port(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    rest.split('/').next().unwrap().to_string()
+}
+
+fn services_of(compose: &Value) -> &serde_json::Map<String, Value> {
+    compose["services"].as_object().unwrap()
+}
+
+fn profiles(service: &Value) -> Vec<String> {
+    service["profiles"]
+        .as_array()
+        .map(|p| p.iter().map(|s| s.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// The compose services whose command runs `script` (a mounted config).
+fn services_running(compose: &Value, script: &str) -> Vec<String> {
+    services_of(compose)
+        .iter()
+        .filter(|(_, s)| s["command"].to_string().contains(script))
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
+/// The relay services of compose.ha.yaml with their settings (the mounted
+/// config file and the environment).
+fn compose_ha_relays() -> Vec<(String, Value, Settings)> {
+    let compose = compose_ha();
+    services_of(&compose)
+        .iter()
+        .filter(|(_, s)| s["image"] == "sendtalk-relay:local")
+        .map(|(name, service)| {
+            let env = compose_env_resolved(service);
+            let file = env.get(CONFIG_FILE_ENV).map(|path| {
+                let config = service["configs"]
+                    .as_array()
+                    .and_then(|c| c.iter().find(|c| c["target"] == path.as_str()))
+                    .unwrap_or_else(|| {
+                        panic!("{name}: {CONFIG_FILE_ENV}={path} is not a mounted config")
+                    });
+                let source = config["source"].as_str().unwrap();
+                interpolate(compose["configs"][source]["content"].as_str().unwrap())
+            });
+            let settings = load_settings(file.as_deref(), &env);
+            (name.clone(), service.clone(), settings)
+        })
+        .collect()
+}
+
+#[test]
+fn ha_compose_relays_use_the_replicated_back_ends() {
+    let compose = compose_ha();
+    let services = services_of(&compose);
+    let rabbitmq: Vec<&String> = services
+        .iter()
+        .filter(|(_, s)| s["image"].as_str().unwrap_or("").starts_with("rabbitmq:"))
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(rabbitmq.len(), 3, "a three-node RabbitMQ cluster");
+    let sentinels = services_running(&compose, "sentinel-start.sh");
+    let cluster_nodes: Vec<String> = services
+        .iter()
+        .filter(|(_, s)| s["command"].to_string().contains("--cluster-enabled yes"))
+        .map(|(n, _)| n.clone())
+        .collect();
+    let base_relay = &compose_documents_base_relay();
+    let grace = grace_secs();
+
+    let relays = compose_ha_relays();
+    let mut modes = BTreeSet::new();
+    for (name, service, settings) in &relays {
+        assert_eq!(settings.sink, SinkKind::Amqp, "{name}");
+        assert_eq!(settings.dedup.backend(), DedupBackend::Redis, "{name}");
+        assert!(settings.http.listen.ip().is_unspecified(), "{name}");
+        assert_eq!(settings.admin.listen.port(), default_admin_listen().port());
+        assert!(!settings.using_dev_secret, "{name}");
+        // Every RabbitMQ node, in order, and a replicated queue.
+        let uris: Vec<String> = amqp_uris(settings).iter().map(|u| host_port(u)).collect();
+        let nodes: Vec<String> = rabbitmq.iter().map(|n| format!("{n}:5672")).collect();
+        assert_eq!(uris, nodes, "{name}: amqp.uri lists the cluster's nodes");
+        assert!(
+            settings.amqp.queues.iter().any(|q| q.quorum),
+            "{name}: a quorum queue"
+        );
+        // The operational contract of the base file holds here too.
+        assert_eq!(
+            service["healthcheck"]["test"],
+            base_relay["healthcheck"]["test"]
+        );
+        let stop = service["stop_grace_period"]
+            .as_str()
+            .expect("stop_grace_period");
+        assert!(compose_duration_secs(stop) > grace, "{name}: {stop}");
+        assert!(service["volumes"]
+            .to_string()
+            .contains("/var/lib/sendtalk-relay"));
+
+        let profile = profiles(service);
+        assert_eq!(profile.len(), 1, "{name} runs in exactly one profile");
+        assert!(modes.insert(profile[0].clone()), "one relay per profile");
+        let depends = service["depends_on"].as_object().expect("depends_on");
+        for node in &rabbitmq {
+            assert_eq!(
+                depends[node.as_str()]["condition"],
+                "service_healthy",
+                "{name} -> {node}"
+            );
+        }
+        let (mode, urls, service) = redis_of(settings);
+        let urls: Vec<String> = urls.iter().map(|u| host_port(u)).collect();
+        match mode {
+            RedisMode::Sentinel => {
+                assert_eq!(profile[0], "sentinel");
+                let expected: Vec<String> =
+                    sentinels.iter().map(|s| format!("{s}:26379")).collect();
+                assert_eq!(urls, expected, "{name}: redis.urls lists every sentinel");
+                for sentinel in &sentinels {
+                    let env = compose_env_resolved(&services[sentinel]);
+                    assert_eq!(env["MASTER_NAME"], service);
+                    assert_eq!(depends[sentinel.as_str()]["condition"], "service_healthy");
+                }
+            }
+            RedisMode::Cluster => {
+                assert_eq!(profile[0], "cluster");
+                assert!(!urls.is_empty());
+                for url in &urls {
+                    let (host, port) = url.split_once(':').unwrap();
+                    assert!(
+                        cluster_nodes.iter().any(|n| n == host),
+                        "{name}: seed {url}"
+                    );
+                    assert_eq!(port, "6379");
+                }
+                assert_eq!(
+                    depends["redis-cluster-init"]["condition"], "service_completed_successfully",
+                    "{name} waits for the cluster to be created"
+                );
+            }
+            RedisMode::Standalone => panic!("{name}: a replicated set-up, not standalone"),
+        }
+    }
+    assert_eq!(
+        modes,
+        BTreeSet::from(["cluster".to_string(), "sentinel".to_string()])
+    );
+
+    // A service of a profile depends only on services that run with it.
+    for (name, service) in services {
+        let mine = profiles(service);
+        for dep in service["depends_on"]
+            .as_object()
+            .into_iter()
+            .flat_map(|d| d.keys())
+        {
+            let theirs = profiles(&services[dep]);
+            assert!(
+                theirs.is_empty() || theirs.iter().any(|p| mine.contains(p)),
+                "{name} (profiles {mine:?}) depends on {dep} (profiles {theirs:?})"
+            );
+            let condition = &service["depends_on"][dep]["condition"];
+            if condition == "service_healthy" {
+                assert!(
+                    services[dep]["healthcheck"]["test"].is_array(),
+                    "{dep} needs a healthcheck"
+                );
+            }
+        }
+    }
+}
+
+/// The relay service of deploy/compose.yaml, the reference for the others.
+fn compose_documents_base_relay() -> Value {
+    compose()["services"]["relay"].clone()
+}
+
+#[test]
+fn ha_compose_rabbitmq_nodes_form_one_cluster_sharing_the_erlang_cookie() {
+    let compose = compose_ha();
+    let services = services_of(&compose);
+    let nodes: Vec<(&String, &Value)> = services
+        .iter()
+        .filter(|(_, s)| s["image"].as_str().unwrap_or("").starts_with("rabbitmq:"))
+        .collect();
+    let mut conf_nodes = BTreeSet::new();
+    for (name, service) in &nodes {
+        assert!(profiles(service).is_empty(), "{name} runs in every profile");
+        // classic_config names rabbit@<host name>: it must be fixed.
+        assert_eq!(service["hostname"].as_str(), Some(name.as_str()));
+        let configs = service["configs"].as_array().expect("configs");
+        let conf = configs
+            .iter()
+            .find(|c| {
+                c["target"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("/etc/rabbitmq/conf.d/")
+            })
+            .expect("a conf.d file");
+        let text = compose["configs"][conf["source"].as_str().unwrap()]["content"]
+            .as_str()
+            .unwrap();
+        let settings: BTreeMap<&str, &str> = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.trim(), v.trim()))
+            .collect();
+        assert_eq!(
+            settings["cluster_formation.peer_discovery_backend"],
+            "classic_config"
+        );
+        conf_nodes = settings
+            .iter()
+            .filter(|(k, _)| k.starts_with("cluster_formation.classic_config.nodes."))
+            .map(|(_, v)| (*v).to_string())
+            .collect();
+        // The shared cookie: the secret, installed where Erlang reads it.
+        assert_eq!(service["secrets"], serde_json::json!(["erlang-cookie"]));
+        let entrypoint = service["entrypoint"].to_string();
+        assert!(
+            entrypoint.contains("/run/secrets/erlang-cookie /var/lib/rabbitmq/.erlang.cookie")
+                && entrypoint.contains("-m 0400 -o rabbitmq"),
+            "{name}: {entrypoint}"
+        );
+        assert_eq!(service["command"], serde_json::json!(["rabbitmq-server"]));
+        assert!(service["volumes"]
+            .to_string()
+            .contains(":/var/lib/rabbitmq"));
+    }
+    let expected: BTreeSet<String> = nodes.iter().map(|(n, _)| format!("rabbit@{n}")).collect();
+    assert_eq!(conf_nodes, expected, "classic_config lists every node");
+    assert!(compose["secrets"]["erlang-cookie"]["environment"].is_string());
+
+    // The example consumer reads the relay's quorum queue with the same
+    // declaration (a classic redeclare would fail PRECONDITION_FAILED).
+    let consumer = compose_env_resolved(&services["consumer"]);
+    for (name, _, settings) in compose_ha_relays() {
+        let queue = settings
+            .amqp
+            .queues
+            .iter()
+            .find(|q| q.name == consumer["QUEUE"])
+            .unwrap_or_else(|| panic!("{name} declares no queue {}", consumer["QUEUE"]));
+        assert!(queue.quorum);
+        assert_eq!(consumer["QUEUE_TYPE"], "quorum");
+        assert_eq!(consumer["BINDING"], queue.binding_key);
+        assert_eq!(consumer["EXCHANGE"], settings.amqp.exchange.as_str());
+    }
+    let broker = host_port(&consumer["AMQP_URI"]);
+    assert!(
+        nodes.iter().any(|(n, _)| broker == format!("{n}:5672")),
+        "{broker}"
+    );
+}
+
+#[test]
+fn ha_compose_redis_topologies_are_complete() {
+    let compose = compose_ha();
+    let services = services_of(&compose);
+    // Sentinel: two data nodes, three sentinels, a majority quorum.
+    let data = services_running(&compose, "redis-start.sh");
+    let sentinels = services_running(&compose, "sentinel-start.sh");
+    assert_eq!(data.len(), 2, "one master and one replica");
+    assert_eq!(sentinels.len(), 3);
+    for name in data.iter().chain(&sentinels) {
+        let service = &services[name];
+        assert_eq!(profiles(service), ["sentinel"], "{name}");
+        assert_eq!(
+            service["hostname"].as_str(),
+            Some(name.as_str()),
+            "{name} announces its name"
+        );
+        let env = compose_env_resolved(service);
+        assert_eq!(env["SENTINELS"].split(' ').collect::<Vec<_>>(), sentinels);
+        assert_eq!(env["DATA_NODES"].split(' ').collect::<Vec<_>>(), data);
+        assert!(data.contains(&env["FIRST_MASTER"]));
+        assert_eq!(env["REDIS_PASSWORD"], env["REDISCLI_AUTH"]);
+        assert!(service["healthcheck"]["test"].is_array(), "{name}");
+        if sentinels.contains(name) {
+            let quorum: usize = env["QUORUM"].parse().unwrap();
+            assert_eq!(
+                quorum,
+                sentinels.len() / 2 + 1,
+                "a majority of the sentinels"
+            );
+            assert!(
+                service["volumes"].to_string().contains(":/data"),
+                "sentinel keeps its file"
+            );
+        }
+    }
+    // Cluster: six nodes (three masters, a replica each) joined by the
+    // init job, which waits for all of them.
+    let nodes: Vec<(&String, &Value)> = services
+        .iter()
+        .filter(|(_, s)| s["command"].to_string().contains("--cluster-enabled yes"))
+        .collect();
+    assert_eq!(nodes.len(), 6);
+    let init = &services["redis-cluster-init"];
+    let create = init["command"].to_string();
+    assert!(create.contains("--cluster create") && create.contains("--cluster-replicas 1"));
+    assert!(create.contains("for n in 1 2 3 4 5 6"), "{create}");
+    for (name, service) in &nodes {
+        assert_eq!(profiles(service), ["cluster"]);
+        assert!(
+            name.starts_with("redis-node-"),
+            "{name}: the init job names redis-node-N"
+        );
+        assert_eq!(service["hostname"].as_str(), Some(name.as_str()));
+        let command = service["command"].to_string();
+        for needed in [
+            // While one master fails over, the others keep their slots.
+            "--cluster-require-full-coverage no",
+            // Clients are redirected to names, not container addresses.
+            "--cluster-preferred-endpoint-type hostname",
+            "--masterauth",
+            "--appendonly yes",
+        ] {
+            assert!(command.contains(needed), "{name}: {needed}");
+        }
+        assert_eq!(
+            init["depends_on"][name.as_str()]["condition"],
+            "service_healthy"
+        );
+    }
+    assert_eq!(init["restart"], "no");
+}
+
+/// The objects of a file of deploy/kubernetes-ha.
+fn ha_objects(file: &str) -> Vec<Value> {
+    yaml_documents(&format!("kubernetes-ha/{file}"))
+}
+
+fn ha_object(file: &str, kind: &str, name: &str) -> Value {
+    ha_objects(file)
+        .into_iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("kubernetes-ha/{file} has no {kind} {name}"))
+}
+
+/// `stringData` of a Secret of the HA template.
+fn ha_secret(name: &str) -> Value {
+    ha_object("secret.template.yaml", "Secret", name)["stringData"].clone()
+}
+
+fn env_value(container: &Value, name: &str) -> String {
+    container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == name)
+        .and_then(|e| e["value"].as_str())
+        .unwrap_or_else(|| panic!("no env {name} with a value"))
+        .to_string()
+}
+
+#[test]
+fn ha_redis_start_scripts_are_the_same_in_compose_and_kubernetes() {
+    let compose = compose_ha();
+    let configmap = ha_object("redis-sentinel.yaml", "ConfigMap", "redis-sentinel-scripts");
+    for script in ["redis-start", "sentinel-start"] {
+        let composed = compose["configs"][script]["content"]
+            .as_str()
+            .unwrap()
+            .replace("$$", "$");
+        assert_eq!(
+            composed,
+            configmap["data"][format!("{script}.sh")].as_str().unwrap(),
+            "{script}.sh differs between compose.ha.yaml and kubernetes-ha/redis-sentinel.yaml"
+        );
+    }
+}
+
+#[test]
+fn ha_kubernetes_overlay_patches_the_relay_onto_the_replicated_back_ends() {
+    let kustomization = yaml_documents("kubernetes-ha/kustomization.yaml").remove(0);
+    let resources: Vec<&str> = kustomization["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    let patches: Vec<&str> = kustomization["patches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(resources[0], "../kubernetes", "an overlay of the base");
+    for file in yaml_files()
+        .iter()
+        .filter_map(|f| f.strip_prefix("kubernetes-ha/"))
+    {
+        let listed = resources.contains(&file) || patches.contains(&file);
+        match file {
+            "kustomization.yaml" => {}
+            // As in the base: never applied by accident.
+            "secret.template.yaml" => assert!(!listed),
+            _ => assert!(listed, "kubernetes-ha/{file} is not in the kustomization"),
+        }
+    }
+
+    // The relay's environment after the strategic-merge patch: the base's
+    // variables less those deleted, plus the patch's.
+    let patch = ha_objects("relay-deployment.yaml").remove(0);
+    assert_eq!(
+        patch["metadata"]["name"],
+        object("Deployment")["metadata"]["name"]
+    );
+    let patched = &patch["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(patched["name"], "relay");
+    let mut env = container_env(&relay_container());
+    for e in patched["env"].as_array().unwrap() {
+        let name = e["name"].as_str().unwrap().to_string();
+        if e["$patch"] == "delete" {
+            assert!(
+                env.remove(&name).is_some(),
+                "the patch deletes {name}, absent from the base"
+            );
+        } else {
+            env.insert(name, e.clone());
+        }
+    }
+    let secret = ha_secret("sendtalk-relay");
+    let mut vars = BTreeMap::new();
+    for (name, value) in &env {
+        if let Some(v) = value["value"].as_str() {
+            vars.insert(name.clone(), v.to_string());
+        } else {
+            let r = &value["valueFrom"]["secretKeyRef"];
+            assert_eq!(r["name"], "sendtalk-relay", "{name}");
+            let key = r["key"].as_str().unwrap();
+            let v = secret[key]
+                .as_str()
+                .unwrap_or_else(|| panic!("{name}: the HA Secret has no {key}"));
+            vars.insert(name.clone(), v.to_string());
+        }
+    }
+    // The mounted webhook secret is a file: supply the value directly.
+    vars.remove("SENDTALK_RELAY__AUTH__SECRET_FILES");
+    vars.insert("SENDTALK_RELAY__AUTH__SECRETS".into(), "x".into());
+
+    let configmap = ha_objects("relay-configmap.yaml").remove(0);
+    assert_eq!(
+        configmap["metadata"]["name"],
+        object("ConfigMap")["metadata"]["name"]
+    );
+    let settings = load_settings(configmap["data"]["relay.toml"].as_str(), &vars);
+    assert_eq!(settings.sink, SinkKind::Amqp);
+    assert_eq!(settings.dedup.backend(), DedupBackend::Redis);
+
+    // What the base's tests check of its file still holds: probes, grace,
+    // spool volume and the alert threshold.
+    let base = configmap_settings();
+    assert_eq!(settings.admin.listen, base.admin.listen);
+    assert_eq!(settings.http.listen, base.http.listen);
+    assert_eq!(settings.spool.dir, base.spool.dir);
+    assert_eq!(settings.spool.max_bytes, base.spool.max_bytes);
+    assert_eq!(settings.shutdown.grace, base.shutdown.grace);
+    assert_eq!(settings.auth.mode.as_str(), base.auth.mode.as_str());
+
+    // Redis: every sentinel pod through its headless Service, and the name
+    // they monitor the master under.
+    let (mode, urls, service) = redis_of(&settings);
+    assert_eq!(mode, RedisMode::Sentinel);
+    let sentinels = ha_object("redis-sentinel.yaml", "StatefulSet", "redis-sentinel");
+    let sentinel_container = &sentinels["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(service, env_value(sentinel_container, "MASTER_NAME"));
+    let urls: Vec<String> = urls.iter().map(|u| host_port(u)).collect();
+    assert_eq!(urls, pod_addresses(&sentinels, "sentinel"));
+
+    // RabbitMQ: every node, a quorum queue.
+    let rabbitmq = ha_object("rabbitmq.yaml", "StatefulSet", "rabbitmq");
+    let uris: Vec<String> = amqp_uris(&settings).iter().map(|u| host_port(u)).collect();
+    assert_eq!(uris, pod_addresses(&rabbitmq, "amqp"));
+    assert!(settings.amqp.queues.iter().any(|q| q.quorum));
+    let user = amqp_uris(&settings)[0]
+        .split_once("://")
+        .unwrap()
+        .1
+        .split(':')
+        .next()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        ha_secret("rabbitmq")["username"],
+        user.as_str(),
+        "the relay's broker user"
+    );
+}
+
+/// `<pod>.<service>:<port>` of every pod of a StatefulSet, the container
+/// port named `port`.
+fn pod_addresses(statefulset: &Value, port: &str) -> Vec<String> {
+    let name = statefulset["metadata"]["name"].as_str().unwrap();
+    let service = statefulset["spec"]["serviceName"].as_str().unwrap();
+    let container = &statefulset["spec"]["template"]["spec"]["containers"][0];
+    let number = resolve_port(container, &Value::from(port));
+    (0..statefulset["spec"]["replicas"].as_u64().unwrap())
+        .map(|i| format!("{name}-{i}.{service}:{number}"))
+        .collect()
+}
+
+#[test]
+fn ha_kubernetes_statefulsets_are_addressable_and_replicated() {
+    let objects: Vec<Value> = ["redis-sentinel.yaml", "rabbitmq.yaml"]
+        .iter()
+        .flat_map(|f| ha_objects(f))
+        .collect();
+    let of_kind =
+        |kind: &str| -> Vec<&Value> { objects.iter().filter(|o| o["kind"] == kind).collect() };
+    let selects = |selector: &Value, labels: &Value| {
+        selector
+            .as_object()
+            .unwrap()
+            .iter()
+            .all(|(k, v)| &labels[k] == v)
+    };
+    let replicas: BTreeMap<String, u64> = of_kind("StatefulSet")
+        .iter()
+        .map(|s| {
+            (
+                s["metadata"]["name"].as_str().unwrap().to_string(),
+                s["spec"]["replicas"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        replicas,
+        BTreeMap::from([
+            ("rabbitmq".to_string(), 3),
+            ("redis".to_string(), 2),
+            ("redis-sentinel".to_string(), 3),
+        ])
+    );
+    for set in of_kind("StatefulSet") {
+        let name = set["metadata"]["name"].as_str().unwrap();
+        let labels = &set["spec"]["template"]["metadata"]["labels"];
+        assert!(
+            selects(&set["spec"]["selector"]["matchLabels"], labels),
+            "{name}"
+        );
+        // Stable names: a headless Service publishing not-ready pods too.
+        let service = of_kind("Service")
+            .into_iter()
+            .find(|s| s["metadata"]["name"] == set["spec"]["serviceName"])
+            .unwrap_or_else(|| panic!("{name}: no Service {}", set["spec"]["serviceName"]));
+        assert_eq!(service["spec"]["clusterIP"], "None", "{name}");
+        assert_eq!(service["spec"]["publishNotReadyAddresses"], true, "{name}");
+        assert!(selects(&service["spec"]["selector"], labels), "{name}");
+        // Each selects only its own StatefulSet's pods.
+        for other in of_kind("StatefulSet") {
+            if other["metadata"]["name"] != name {
+                assert!(!selects(
+                    &service["spec"]["selector"],
+                    &other["spec"]["template"]["metadata"]["labels"]
+                ));
+            }
+        }
+        let pdb = of_kind("PodDisruptionBudget")
+            .into_iter()
+            .find(|p| selects(&p["spec"]["selector"]["matchLabels"], labels))
+            .unwrap_or_else(|| panic!("{name}: no PodDisruptionBudget"));
+        assert!(
+            pdb["spec"]["maxUnavailable"] == 1
+                || pdb["spec"]["minAvailable"].as_u64()
+                    == Some(set["spec"]["replicas"].as_u64().unwrap() / 2 + 1)
+        );
+        let pod = &set["spec"]["template"]["spec"];
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{name}");
+        for container in pod["containers"].as_array().unwrap() {
+            assert!(container["readinessProbe"].is_object(), "{name}");
+        }
+    }
+
+    // Every Secret key the back-ends read (secretKeyRef, secret volume
+    // items) is in the HA template.
+    let mut refs = 0;
+    let mut stack: Vec<&Value> = objects.iter().collect();
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Object(map) => {
+                if let Some(r) = map.get("secretKeyRef") {
+                    let (name, key) = (r["name"].as_str().unwrap(), r["key"].as_str().unwrap());
+                    assert!(
+                        ha_secret(name)[key].is_string(),
+                        "Secret {name} has no key {key}"
+                    );
+                    refs += 1;
+                }
+                if let Some(name) = map.get("secretName").and_then(Value::as_str) {
+                    for item in map["items"]
+                        .as_array()
+                        .expect("secret volumes list their items")
+                    {
+                        let key = item["key"].as_str().unwrap();
+                        assert!(
+                            ha_secret(name)[key].is_string(),
+                            "Secret {name} has no key {key}"
+                        );
+                        refs += 1;
+                    }
+                }
+                stack.extend(map.values());
+            }
+            Value::Array(list) => stack.extend(list),
+            _ => {}
+        }
+    }
+    assert!(refs >= 7, "only {refs} Secret references found");
+
+    // Sentinel: the peers and data nodes by name, a majority quorum.
+    let sentinels = of_kind("StatefulSet")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == "redis-sentinel")
+        .unwrap();
+    let data = of_kind("StatefulSet")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == "redis")
+        .unwrap();
+    let names = |set: &Value| -> Vec<String> {
+        pod_addresses(
+            set,
+            set["spec"]["template"]["spec"]["containers"][0]["ports"][0]["name"]
+                .as_str()
+                .unwrap(),
+        )
+        .iter()
+        .map(|a| format!("{}.$(POD_NAMESPACE)", a.split(':').next().unwrap()))
+        .collect()
+    };
+    for set in [sentinels, data] {
+        let container = &set["spec"]["template"]["spec"]["containers"][0];
+        let service = set["spec"]["serviceName"].as_str().unwrap();
+        assert_eq!(
+            env_value(container, "ANNOUNCE_HOST"),
+            format!("$(POD_NAME).{service}.$(POD_NAMESPACE)")
+        );
+        let list = |var: &str| -> Vec<String> {
+            env_value(container, var)
+                .split_whitespace()
+                .map(String::from)
+                .collect()
+        };
+        assert_eq!(list("SENTINELS"), names(sentinels));
+        assert_eq!(list("DATA_NODES"), names(data));
+        assert_eq!(env_value(container, "FIRST_MASTER"), names(data)[0]);
+        assert_eq!(
+            env_value(container, "MASTER_NAME"),
+            env_value(
+                &sentinels["spec"]["template"]["spec"]["containers"][0],
+                "MASTER_NAME"
+            )
+        );
+    }
+    let quorum: u64 = env_value(
+        &sentinels["spec"]["template"]["spec"]["containers"][0],
+        "QUORUM",
+    )
+    .parse()
+    .unwrap();
+    assert_eq!(
+        quorum,
+        sentinels["spec"]["replicas"].as_u64().unwrap() / 2 + 1
+    );
+
+    // RabbitMQ: Kubernetes peer discovery by node name, the cookie copied
+    // from the Secret.
+    let rabbitmq = of_kind("StatefulSet")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == "rabbitmq")
+        .unwrap();
+    let config = of_kind("ConfigMap")
+        .into_iter()
+        .find(|c| c["metadata"]["name"] == "rabbitmq")
+        .unwrap();
+    assert!(config["data"]["enabled_plugins"]
+        .as_str()
+        .unwrap()
+        .contains("rabbitmq_peer_discovery_k8s"));
+    assert!(config["data"]["cluster.conf"]
+        .as_str()
+        .unwrap()
+        .contains("cluster_formation.peer_discovery_backend = k8s"));
+    let pod = &rabbitmq["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    assert_eq!(
+        env_value(container, "K8S_SERVICE_NAME"),
+        rabbitmq["spec"]["serviceName"].as_str().unwrap()
+    );
+    assert_eq!(
+        env_value(container, "RABBITMQ_NODENAME"),
+        "rabbit@$(MY_POD_NAME).$(K8S_SERVICE_NAME).$(MY_POD_NAMESPACE)"
+    );
+    assert_eq!(env_value(container, "RABBITMQ_USE_LONGNAME"), "true");
+    let init = pod["initContainers"][0]["command"].to_string();
+    assert!(
+        init.contains("/var/lib/rabbitmq/.erlang.cookie") && init.contains("chmod 0400"),
+        "{init}"
+    );
+    let cookie = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "erlang-cookie")
+        .expect("the erlang-cookie volume");
+    assert_eq!(cookie["secret"]["items"][0]["key"], "erlang-cookie");
+    assert_eq!(rabbitmq["spec"]["podManagementPolicy"], "Parallel");
 }
