@@ -1084,7 +1084,7 @@ fn ha_compose_relays_use_the_replicated_back_ends() {
         .filter(|(_, s)| s["command"].to_string().contains("--cluster-enabled yes"))
         .map(|(n, _)| n.clone())
         .collect();
-    let base_relay = &compose_documents_base_relay();
+    let base_relay = &base_compose_relay();
     let grace = grace_secs();
 
     let relays = compose_ha_relays();
@@ -1190,7 +1190,7 @@ fn ha_compose_relays_use_the_replicated_back_ends() {
 }
 
 /// The relay service of deploy/compose.yaml, the reference for the others.
-fn compose_documents_base_relay() -> Value {
+fn base_compose_relay() -> Value {
     compose()["services"]["relay"].clone()
 }
 
