@@ -1,208 +1,34 @@
-//! The lifecycle API's handlers (SPEC 9.1, 9.2): bearer-token auth, local
-//! validation, idempotency keys, the SendTalk call and the answers.
+//! The lifecycle API's handlers (SPEC 9.1, 9.2): `create` (idempotency key,
+//! the SendTalk call, the stored record and the `pending` event) and
+//! `status`, with the bodies they answer.
 //!
-//! [`ApiError`] is the only type that turns a failure into an HTTP answer;
-//! its body has the shape of SPEC 2.3.
+//! - `error`: [`ApiError`], the only type that turns a failure into an HTTP
+//!   answer; its body has the shape of SPEC 2.3.
+//! - `bearer`: the bearer-token check.
+//! - `validate`: local validation of a create and its fingerprint.
+
+mod bearer;
+mod error;
+mod validate;
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use bytes::Bytes;
-use secrecy::ExposeSecret as _;
 use serde::Serialize;
-use serde_json::Value;
-use sha2::{Digest as _, Sha256};
-use subtle::ConstantTimeEq as _;
 use utoipa::ToSchema;
 
 use super::sendtalk::{CreateRequest, ProviderError};
-use super::settings::{EXPIRY_MINUTES_RANGE, LANGUAGES};
 use super::store::{now_ms, IdemBegin, Record, Status, StoredAnswer};
 use super::{rfc3339, Lifecycle};
-use crate::payload::{UserPhone, VerificationId};
+use crate::payload::VerificationId;
 use crate::routes::webhook::{request_id, with_request_id};
-
-/// `Retry-After` for 409: a create takes at most `sendtalk.timeout_ms`.
-const IN_FLIGHT_RETRY_SECS: u64 = 5;
-/// `Retry-After` for 503: a store or broker outage, or SendTalk's account.
-const UNAVAILABLE_RETRY_SECS: u64 = 30;
-/// Longest `appURL` accepted (SPEC 9.1).
-const MAX_APP_URL_LEN: usize = 2048;
-/// Longest `Idempotency-Key` accepted (SPEC 9.1).
-const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
-
-/// Every way an API request can fail, each with exactly one answer.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    #[error("a valid bearer token is required")]
-    Unauthorized,
-    #[error("body is not valid JSON: {0}")]
-    InvalidJson(String),
-    #[error("{message}")]
-    InvalidPayload {
-        field: &'static str,
-        message: String,
-    },
-    #[error("this Idempotency-Key was used with another request body")]
-    IdempotencyKeyReused,
-    #[error("a request with this Idempotency-Key is still running")]
-    InFlight,
-    #[error("no verification with this id")]
-    NotFound,
-    #[error("method not allowed")]
-    MethodNotAllowed,
-    #[error(transparent)]
-    Provider(#[from] ProviderError),
-    #[error("the request could not be completed right now: {0}")]
-    Unavailable(String),
-}
-
-/// SPEC 2.3's error body.
-#[derive(Serialize, ToSchema)]
-pub struct ErrorBody {
-    error: ErrorDetail,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct ErrorDetail {
-    /// Machine-readable code, e.g. `invalid_payload`.
-    code: String,
-    message: String,
-    /// The offending field, or `""`.
-    field: String,
-}
-
-impl ApiError {
-    pub fn code(&self) -> &'static str {
-        match self {
-            ApiError::Unauthorized => "unauthorized",
-            ApiError::InvalidJson(_) => "invalid_json",
-            ApiError::InvalidPayload { .. } => "invalid_payload",
-            ApiError::IdempotencyKeyReused => "idempotency_key_reused",
-            ApiError::InFlight => "in_flight",
-            ApiError::NotFound => "not_found",
-            ApiError::MethodNotAllowed => "method_not_allowed",
-            ApiError::Provider(p) => match p {
-                ProviderError::Validation { .. } => "provider_validation_failed",
-                ProviderError::Unauthorized(_) => "provider_unauthorized",
-                ProviderError::InvalidRecipient => "invalid_recipient",
-                ProviderError::InsufficientBalance => "provider_insufficient_balance",
-                ProviderError::Disabled => "provider_disabled",
-                ProviderError::Timeout(_) => "provider_timeout",
-                ProviderError::Unexpected(_) => "provider_error",
-            },
-            ApiError::Unavailable(_) => "unavailable",
-        }
-    }
-
-    fn field(&self) -> String {
-        match self {
-            ApiError::InvalidPayload { field, .. } => (*field).to_string(),
-            ApiError::Provider(ProviderError::Validation { field, .. }) => field.clone(),
-            ApiError::Provider(ProviderError::InvalidRecipient) => "userPhone".into(),
-            _ => String::new(),
-        }
-    }
-
-    /// What the caller reads; causes of 5xx stay in the log.
-    fn public_message(&self) -> String {
-        match self {
-            ApiError::Provider(ProviderError::Unauthorized(_)) => {
-                "SendTalk refused the relay's API key; the operator has been alerted".into()
-            }
-            ApiError::Provider(ProviderError::Unexpected(_)) => {
-                "SendTalk answered in an unexpected way".into()
-            }
-            ApiError::Provider(ProviderError::Timeout(_)) => {
-                "SendTalk did not answer in time; it may or may not have created the verification: retry with a new Idempotency-Key".into()
-            }
-            ApiError::Unavailable(_) => "the request could not be completed right now; retry later".into(),
-            other => other.to_string(),
-        }
-    }
-
-    fn body(&self) -> String {
-        serde_json::to_string(&ErrorBody {
-            error: ErrorDetail {
-                code: self.code().into(),
-                message: self.public_message(),
-                field: self.field(),
-            },
-        })
-        .unwrap_or_default()
-    }
-
-    /// The answer as stored for an idempotency key.
-    fn to_answer(&self) -> StoredAnswer {
-        StoredAnswer {
-            status: self.status_code().as_u16(),
-            body: self.body(),
-            location: None,
-        }
-    }
-}
-
-impl ResponseError for ApiError {
-    fn status_code(&self) -> StatusCode {
-        match self {
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::InvalidJson(_) | ApiError::InvalidPayload { .. } => StatusCode::BAD_REQUEST,
-            ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::InFlight => StatusCode::CONFLICT,
-            ApiError::NotFound => StatusCode::NOT_FOUND,
-            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Provider(p) => match p {
-                ProviderError::Validation { .. } | ProviderError::InvalidRecipient => {
-                    StatusCode::UNPROCESSABLE_ENTITY
-                }
-                ProviderError::Unauthorized(_) | ProviderError::Unexpected(_) => {
-                    StatusCode::BAD_GATEWAY
-                }
-                ProviderError::InsufficientBalance | ProviderError::Disabled => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
-                ProviderError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            },
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-        }
-    }
-
-    fn error_response(&self) -> HttpResponse {
-        let mut response = render(&self.to_answer(), false);
-        if matches!(self, ApiError::Unauthorized) {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        response
-    }
-}
-
-/// Renders a stored (or fresh) answer; `Retry-After` follows the status.
-fn render(answer: &StoredAnswer, replayed: bool) -> HttpResponse {
-    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    let mut response = HttpResponse::build(status);
-    response.content_type("application/json");
-    if let Some(location) = &answer.location {
-        response.insert_header((header::LOCATION, location.as_str()));
-    }
-    match status {
-        StatusCode::CONFLICT => {
-            response.insert_header((header::RETRY_AFTER, IN_FLIGHT_RETRY_SECS));
-        }
-        StatusCode::SERVICE_UNAVAILABLE => {
-            response.insert_header((header::RETRY_AFTER, UNAVAILABLE_RETRY_SECS));
-        }
-        _ => {}
-    }
-    if replayed {
-        response.insert_header(("Idempotent-Replayed", "true"));
-    }
-    response.body(answer.body.clone())
-}
+use bearer::authorize;
+use error::render;
+pub use error::{ApiError, ErrorBody, ErrorDetail};
+use validate::{idempotency_key, parse_create, ValidCreate};
 
 /// `POST /v1/verifications`'s body (SPEC 9.1).
 #[derive(Debug, ToSchema)]
@@ -256,171 +82,6 @@ pub struct StatusBody {
     expires_at: Option<String>,
     /// Unix milliseconds, as SendTalk's webhook carries it.
     verified_time: Option<u64>,
-}
-
-/// A create request after local validation.
-#[derive(Debug)]
-struct ValidCreate {
-    request: CreateRequest,
-    /// Canonical digest of the body as a JSON value (for idempotency).
-    fingerprint: String,
-}
-
-/// Checks `Authorization: Bearer <token>` against every configured token.
-/// Each comparison is constant-time over SHA-256 digests, so neither the
-/// content nor the length of a token leaks, and every token is compared.
-fn authorize(req: &HttpRequest, api: &Lifecycle) -> Result<(), ApiError> {
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (scheme, token) = v.trim().split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-        })
-        .filter(|t| !t.is_empty())
-        .ok_or(ApiError::Unauthorized)?;
-    let presented = Sha256::digest(presented.as_bytes());
-    let mut ok = subtle::Choice::from(0u8);
-    for token in &api.tokens {
-        let expected = Sha256::digest(token.expose_secret().as_bytes());
-        ok |= expected.as_slice().ct_eq(presented.as_slice());
-    }
-    if bool::from(ok) {
-        Ok(())
-    } else {
-        Err(ApiError::Unauthorized)
-    }
-}
-
-fn invalid(field: &'static str, message: &str) -> ApiError {
-    ApiError::InvalidPayload {
-        field,
-        message: message.into(),
-    }
-}
-
-/// The `Idempotency-Key` header, if any: 1-255 printable ASCII.
-fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
-    let Some(value) = req.headers().get("idempotency-key") else {
-        return Ok(None);
-    };
-    let bytes = value.as_bytes();
-    if bytes.is_empty()
-        || bytes.len() > MAX_IDEMPOTENCY_KEY_LEN
-        || !bytes.iter().all(|b| (0x21..=0x7e).contains(b))
-    {
-        return Err(invalid(
-            "Idempotency-Key",
-            "Idempotency-Key must be 1-255 printable ASCII characters",
-        ));
-    }
-    Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
-}
-
-/// Local validation (SPEC 9.1), before anything is called or stored.
-fn parse_create(body: &[u8], api: &Lifecycle) -> Result<ValidCreate, ApiError> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
-    let Value::Object(fields) = &value else {
-        return Err(invalid("", "body must be a JSON object"));
-    };
-    let present = |k: &str| fields.get(k).filter(|v| !v.is_null());
-    let user_phone = present("userPhone")
-        .and_then(Value::as_str)
-        .ok_or_else(|| invalid("userPhone", "userPhone must be 5-15 digits"))?;
-    UserPhone::parse(user_phone)
-        .map_err(|_| invalid("userPhone", "userPhone must be 5-15 digits"))?;
-    let language_code = match present("languageCode") {
-        None => api.default_language.clone(),
-        Some(v) => v
-            .as_str()
-            .filter(|l| LANGUAGES.contains(l))
-            .ok_or_else(|| invalid("languageCode", "languageCode must be `en` or `id`"))?
-            .to_string(),
-    };
-    let expiry_minutes = match present("expiryMinutes") {
-        None => api.default_expiry_minutes,
-        Some(v) => v
-            .as_u64()
-            .filter(|_| v.is_u64())
-            .and_then(|m| u32::try_from(m).ok())
-            .filter(|m| EXPIRY_MINUTES_RANGE.contains(m))
-            .ok_or_else(|| {
-                invalid(
-                    "expiryMinutes",
-                    "expiryMinutes must be an integer from 1 to 1440",
-                )
-            })?,
-    };
-    let app_url = match present("appURL") {
-        None => None,
-        Some(v) => {
-            let url = v
-                .as_str()
-                .filter(|u| u.len() <= MAX_APP_URL_LEN)
-                .filter(|u| {
-                    reqwest::Url::parse(u).is_ok_and(|p| {
-                        matches!(p.scheme(), "http" | "https") && p.host_str().is_some()
-                    })
-                })
-                .ok_or_else(|| {
-                    invalid(
-                        "appURL",
-                        "appURL must be an http or https URL of at most 2048 characters",
-                    )
-                })?;
-            Some(url.to_string())
-        }
-    };
-    Ok(ValidCreate {
-        request: CreateRequest {
-            user_phone: user_phone.to_string(),
-            language_code,
-            expiry_minutes,
-            app_url,
-        },
-        fingerprint: fingerprint(&value),
-    })
-}
-
-/// SHA-256 of the body's canonical JSON (object keys sorted): "the same
-/// body" means the same JSON value, whatever the key order or whitespace.
-fn fingerprint(value: &Value) -> String {
-    fn canonical(value: &Value, out: &mut String) {
-        match value {
-            Value::Object(map) => {
-                let mut keys: Vec<&String> = map.keys().collect();
-                keys.sort();
-                out.push('{');
-                for (i, k) in keys.iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    out.push_str(&Value::String((*k).clone()).to_string());
-                    out.push(':');
-                    if let Some(v) = map.get(*k) {
-                        canonical(v, out);
-                    }
-                }
-                out.push('}');
-            }
-            Value::Array(items) => {
-                out.push('[');
-                for (i, v) in items.iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    canonical(v, out);
-                }
-                out.push(']');
-            }
-            other => out.push_str(&other.to_string()),
-        }
-    }
-    let mut text = String::new();
-    canonical(value, &mut text);
-    hex::encode(Sha256::digest(text.as_bytes()))
 }
 
 /// Create a verification through SendTalk.
@@ -673,19 +334,4 @@ pub async fn not_found() -> HttpResponse {
 /// JSON 405 for other methods on an API path.
 pub async fn method_not_allowed() -> HttpResponse {
     ApiError::MethodNotAllowed.error_response()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fingerprints_ignore_key_order_and_whitespace() {
-        let a: Value = serde_json::from_str(r#"{"a":1,"b":{"c":[1,2],"d":"x"}}"#).unwrap();
-        let b: Value =
-            serde_json::from_str("{ \"b\" : {\"d\":\"x\",\"c\":[1, 2]}, \"a\": 1 }").unwrap();
-        let c: Value = serde_json::from_str(r#"{"a":2,"b":{"c":[1,2],"d":"x"}}"#).unwrap();
-        assert_eq!(fingerprint(&a), fingerprint(&b));
-        assert_ne!(fingerprint(&a), fingerprint(&c));
-    }
 }
