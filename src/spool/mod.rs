@@ -4,6 +4,8 @@
 //! - `store`: the redb file, its writer thread (group commit) and recovery
 //!   from I/O errors.
 //! - `drain`: the drainer and the shutdown flush.
+//! - `holds`: the holds below, the backoff of refused entries and the wait
+//!   for a late confirm.
 //!
 //! Each entry may carry a hold the drainer respects:
 //! - *pending*: the live publish was sent but not confirmed in time (or the
@@ -16,6 +18,7 @@
 //!   so a queue that keeps refusing does not receive a copy a second.
 
 mod drain;
+mod holds;
 mod store;
 
 use std::collections::HashMap;
@@ -29,7 +32,8 @@ use redb::{Database, ReadableDatabase, ReadableTableMetadata};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::message::Envelope;
-use crate::publish::{LateConfirm, PublishError};
+use holds::Hold;
+pub use holds::Spooled;
 use store::{storage, Command, EVENTS, FILE_NAME};
 
 /// Longest an append may take, fsync included. Past it the webhook is
@@ -37,10 +41,6 @@ use store::{storage, Command, EVENTS, FILE_NAME};
 /// duplicate, never a loss). The lease check of the configuration counts on
 /// this bound (SPEC 3).
 pub const APPEND_MAX: Duration = Duration::from_secs(5);
-/// First wait before a refused entry is retried; doubles per refusal.
-const RETRY_MIN: Duration = Duration::from_secs(1);
-/// Longest wait between retries of a refused entry.
-const RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// Why an append or a removal failed.
 #[derive(Debug, thiserror::Error)]
@@ -57,39 +57,6 @@ pub enum SpoolError {
     /// The storage engine or the file system failed.
     #[error("spool storage error: {0}")]
     Storage(String),
-}
-
-/// Why an event is being spooled; decides when the drainer may publish it.
-#[derive(Debug)]
-pub enum Spooled {
-    /// The broker could not be reached, or blocks publishing: publish as
-    /// soon as it is available again.
-    BrokerUnavailable,
-    /// The broker refused it (nack, or returned as unroutable): retry after
-    /// a backoff.
-    Refused,
-    /// Sent but not confirmed: wait for the broker's late answer first.
-    Unconfirmed(LateConfirm),
-}
-
-impl Spooled {
-    /// The hold that follows from a failed publish.
-    pub fn after(error: PublishError) -> Self {
-        match error {
-            PublishError::Unconfirmed(late) => Spooled::Unconfirmed(late),
-            PublishError::Nack | PublishError::Unroutable => Spooled::Refused,
-            _ => Spooled::BrokerUnavailable,
-        }
-    }
-}
-
-/// What the drainer must respect for one entry.
-#[derive(Debug, Clone, Copy)]
-enum Hold {
-    /// A late confirm is awaited.
-    Pending,
-    /// Refused `attempts` times; not before `at`.
-    RetryAt { at: Instant, attempts: u32 },
 }
 
 /// State shared with the writer thread.
@@ -280,17 +247,7 @@ impl Spool {
             });
         }
         let seq = self.inner.next_seq.fetch_add(1, Ordering::AcqRel);
-        let (late, hold) = match why {
-            Spooled::BrokerUnavailable => (None, None),
-            Spooled::Refused => (
-                None,
-                Some(Hold::RetryAt {
-                    at: Instant::now() + RETRY_MIN,
-                    attempts: 1,
-                }),
-            ),
-            Spooled::Unconfirmed(late) => (Some(late), Some(Hold::Pending)),
-        };
+        let (late, hold) = why.hold();
         if let Some(hold) = hold {
             self.set_hold(seq, hold);
         }
@@ -345,57 +302,6 @@ impl Spool {
         result
     }
 
-    fn set_hold(&self, seq: u64, hold: Hold) {
-        if let Ok(mut holds) = self.inner.holds.lock() {
-            holds.insert(seq, hold);
-        }
-    }
-
-    fn clear_hold(&self, seq: u64) {
-        if let Ok(mut holds) = self.inner.holds.lock() {
-            holds.remove(&seq);
-        }
-    }
-
-    /// Records one more refusal of `seq` and returns the wait before the
-    /// next try.
-    fn back_off(&self, seq: u64) -> Duration {
-        let Ok(mut holds) = self.inner.holds.lock() else {
-            return RETRY_MIN;
-        };
-        let attempts = match holds.get(&seq) {
-            Some(Hold::RetryAt { attempts, .. }) => attempts + 1,
-            _ => 1,
-        };
-        let wait = RETRY_MIN
-            .saturating_mul(1u32 << (attempts - 1).min(16))
-            .min(RETRY_MAX);
-        holds.insert(
-            seq,
-            Hold::RetryAt {
-                at: Instant::now() + wait,
-                attempts,
-            },
-        );
-        wait
-    }
-
-    /// Waits in the background for the broker's late answer about `seq`:
-    /// routed means the broker has the event, so the entry is deleted
-    /// without publishing a second copy; anything else frees it for the
-    /// drainer.
-    fn settle_when_confirmed(&self, seq: u64, len: u64, late: LateConfirm) {
-        let spool = self.clone();
-        tokio::spawn(async move {
-            if late.routed().await && spool.remove(&[(seq, len)]).await.is_ok() {
-                tracing::debug!(seq, "late confirm arrived; spooled copy deleted");
-                return;
-            }
-            spool.clear_hold(seq);
-            spool.inner.appended.notify_one();
-        });
-    }
-
     /// The oldest entries the drainer may publish now, up to `limit`.
     #[cfg(test)]
     fn oldest(&self, limit: usize) -> Result<Vec<(u64, Envelope, u64)>, SpoolError> {
@@ -429,10 +335,8 @@ impl Spool {
         for entry in table.range(from..).map_err(storage)? {
             let (k, v) = entry.map_err(storage)?;
             let seq = k.value();
-            match holds.get(&seq) {
-                Some(Hold::Pending) => continue,
-                Some(Hold::RetryAt { at, .. }) if *at > now => continue,
-                _ => {}
+            if holds.get(&seq).is_some_and(|h| h.holds_back(now)) {
+                continue;
             }
             let raw = v.value();
             match serde_json::from_slice::<Envelope>(raw) {
