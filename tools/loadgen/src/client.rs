@@ -348,14 +348,3 @@ pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
             .build()
     }
 }
-
-pub fn print_latency(label: &str, h: &Histogram<u64>) {
-    println!(
-        "{label} latency ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  max {:.3}  (n = {})",
-        h.value_at_quantile(0.50) as f64 / 1000.0,
-        h.value_at_quantile(0.90) as f64 / 1000.0,
-        h.value_at_quantile(0.99) as f64 / 1000.0,
-        h.max() as f64 / 1000.0,
-        h.len()
-    );
-}
