@@ -1,6 +1,6 @@
 //! [`RedisStore`]: the verification store in Redis, shared by every replica
 //! in any `redis.mode`; the Redis encoding of a [`Record`] and the Lua
-//! scripts of the expiry claim.
+//! scripts that keep each change to a record atomic.
 //!
 //! Layout, with `P` = `dedup.key_prefix` (every name has a space, so none
 //! can equal the dedup key `P + id` of a valid id, which has none):
@@ -9,6 +9,9 @@
 //!   `{<id>}` hash tag puts it in the slot of the cluster dedup key `P{<id>}`.
 //! - `P expiry pending`: a sorted set of pending ids scored by `expiresAt`.
 //! - `P idempotency <key>`: the running marker or the stored answer (JSON).
+//!
+//! One file a little past the usual ~400 lines on purpose: each operation,
+//! the keys it touches and the script it runs are read together.
 
 use std::collections::HashMap;
 use std::time::Duration;
