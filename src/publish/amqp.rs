@@ -11,7 +11,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use prometheus::{Histogram, IntCounter, IntGauge};
 use tokio::sync::Notify;
@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::link::{Attempt, Link, Outgoing, Settled};
+use super::properties::properties;
 use super::{topology, PublishError};
 use crate::config::{AmqpSettings, BrokerUri, OnUnroutable};
 use crate::message::Envelope;
@@ -35,7 +36,7 @@ const HEALTH_POLL: Duration = Duration::from_millis(250);
 /// RSS 16.7 MB -> 9.2 MB). Larger bodies are simply split over more frames.
 const DEFAULT_FRAME_MAX: u32 = 8192;
 /// The `app_id` property of every message.
-const APP_ID: &str = "sendtalk-relay";
+pub(super) const APP_ID: &str = "sendtalk-relay";
 /// A connection attempt never waits less than this for the handshake.
 const MIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -367,86 +368,4 @@ enum ConnectError {
     Timeout(Duration),
     #[error(transparent)]
     Broker(#[from] lapin::Error),
-}
-
-/// The AMQP properties and headers of SPEC 4.
-fn properties(envelope: &Envelope) -> BasicProperties {
-    let mut headers = FieldTable::default();
-    headers.insert(
-        "x-request-id".into(),
-        AMQPValue::LongString(LongString::from(envelope.request_id.as_str())),
-    );
-    headers.insert(
-        "x-received-at".into(),
-        AMQPValue::LongString(LongString::from(envelope.received_at_rfc3339())),
-    );
-    if let Some(dedup) = envelope.dedup.header() {
-        headers.insert(
-            "x-dedup".into(),
-            AMQPValue::LongString(LongString::from(dedup)),
-        );
-    }
-    // Lifecycle headers (SPEC 9.3).
-    headers.insert(
-        "x-verification-id".into(),
-        AMQPValue::LongString(LongString::from(envelope.verification_id())),
-    );
-    if let Some(matched) = envelope.phone_match {
-        headers.insert(
-            "x-phone-match".into(),
-            AMQPValue::LongString(LongString::from(if matched { "true" } else { "false" })),
-        );
-    }
-    BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_delivery_mode(2)
-        .with_message_id(ShortString::from(envelope.message_id.as_str()))
-        .with_timestamp(envelope.received_at_ms / 1000)
-        .with_type(ShortString::from(envelope.message_type()))
-        .with_app_id(APP_ID.into())
-        .with_headers(headers)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::message::tests::envelope;
-
-    #[test]
-    fn properties_carry_every_field_of_the_contract() {
-        let p = properties(&envelope());
-        assert_eq!(
-            p.content_type().as_ref().unwrap().as_str(),
-            "application/json"
-        );
-        assert_eq!(*p.delivery_mode(), Some(2));
-        assert_eq!(
-            p.kind().as_ref().unwrap().as_str(),
-            "sendtalk.verification.verified"
-        );
-        assert_eq!(*p.timestamp(), Some(1_692_847_205));
-        assert_eq!(p.app_id().as_ref().unwrap().as_str(), "sendtalk-relay");
-    }
-
-    #[test]
-    fn lifecycle_headers_are_emitted_only_when_set() {
-        let header = |p: &BasicProperties, name: &str| {
-            p.headers()
-                .as_ref()
-                .and_then(|h| h.inner().get(name))
-                .and_then(crate::publish::header_text)
-        };
-        let mut e = envelope();
-        let p = properties(&e);
-        assert_eq!(header(&p, "x-verification-id").as_deref(), Some("x"));
-        assert_eq!(header(&p, "x-dedup").as_deref(), Some("checked"));
-        assert_eq!(header(&p, "x-phone-match"), None);
-        e.dedup = crate::message::DedupMark::Omitted;
-        e.verification_id = Some("v".into());
-        e.phone_match = Some(false);
-        let p = properties(&e);
-        assert_eq!(header(&p, "x-verification-id").as_deref(), Some("v"));
-        assert_eq!(header(&p, "x-dedup"), None);
-        assert_eq!(header(&p, "x-phone-match").as_deref(), Some("false"));
-    }
 }

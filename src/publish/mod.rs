@@ -2,8 +2,10 @@
 //! or to standard output for the embedded demo sink.
 //!
 //! - [`amqp`]: the publisher and its connection supervisor.
-//! - `link`: one connection's confirmed channels and the sequencer that matches
-//!   returns and confirms to their publishes.
+//! - `link`: one connection, its lanes, the blocked state and late confirms.
+//! - `lane`: one confirmed channel and the sequencer that matches returns and
+//!   confirms to their publishes (`x-publish-id`).
+//! - `properties`: the AMQP properties and headers of the message contract.
 //! - `topology`: exchanges and queues declared on every connection.
 //! - [`stdout`]: the demo sink.
 //!
@@ -11,7 +13,9 @@
 //! the broker blocks publishing is an error the caller answers by spooling.
 
 pub mod amqp;
+mod lane;
 mod link;
+mod properties;
 pub mod stdout;
 mod topology;
 

@@ -5,12 +5,14 @@
 //! - [`error`]: [`RelayError`], the only type that turns a failure into an
 //!   HTTP answer.
 //! - [`request`]: what is read off the HTTP request (body, request id).
+//! - `answer`: the per-webhook log line and the answer.
 //!
 //! The pipeline after the body runs in a `webhook` span carrying the request
 //! id and, once parsed, the verification id: every line a stage logs has
-//! them. The one per-webhook line is written in [`receive`], after the answer
-//! is known.
+//! them. The one per-webhook line is written by `answer`, after the answer
+//! is known, outside the span.
 
+mod answer;
 mod error;
 mod request;
 
@@ -18,7 +20,6 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use actix_web::http::header::{self, HeaderValue};
-use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use bytes::Bytes;
 use tokio_util::task::TaskTracker;
@@ -28,12 +29,13 @@ use crate::auth::{AuthError, AuthenticatedBody, Verifier};
 use crate::config::OnUnavailable;
 use crate::dedup::{Claim, Dedup, LeaseToken};
 use crate::message::{DedupMark, Envelope};
-use crate::metrics::{Metrics, Outcome, Stage};
+use crate::metrics::{Metrics, Stage};
 use crate::payload::{check_media_type, PayloadRules, VerificationEvent};
 use crate::publish::Sink;
 use crate::ratelimit::ClientLimits;
 use crate::spool::Spool;
 
+use answer::{answer, Accepted, Identity};
 pub use error::RelayError;
 pub(crate) use request::{request_id, with_request_id};
 pub use request::{UnknownSchemeLog, BODY_READ_TIMEOUT};
@@ -78,31 +80,6 @@ impl std::fmt::Debug for Relay {
             .field("dedup", &self.dedup)
             .finish()
     }
-}
-
-/// How an accepted webhook ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Accepted {
-    Published,
-    Queued,
-    Duplicate,
-}
-
-impl Accepted {
-    fn outcome(self) -> Outcome {
-        match self {
-            Accepted::Published => Outcome::Published,
-            Accepted::Queued => Outcome::Queued,
-            Accepted::Duplicate => Outcome::Duplicate,
-        }
-    }
-}
-
-/// The event's identity for the per-webhook log line, once it parsed.
-struct Identity {
-    id: String,
-    /// Masked: the log never holds a whole phone number.
-    phone: String,
 }
 
 /// What the pipeline hands back to the handler.
@@ -195,59 +172,6 @@ pub async fn receive(
         .observe(elapsed.as_secs_f64());
     let response = answer(&relay, &request_id, result, identity.as_ref(), elapsed);
     with_request_id(response, &request_id)
-}
-
-/// The per-webhook log line, the outcome counter and the answer.
-fn answer(
-    relay: &Relay,
-    request_id: &str,
-    result: Result<Accepted, RelayError>,
-    identity: Option<&Identity>,
-    elapsed: std::time::Duration,
-) -> HttpResponse {
-    let id = identity.map_or("", |i| i.id.as_str());
-    let phone = identity.map_or("", |i| i.phone.as_str());
-    let latency_ms = elapsed.as_secs_f64() * 1000.0;
-    match result {
-        Ok(accepted) => {
-            relay.metrics.webhook(accepted.outcome());
-            let (status, result) = match accepted {
-                Accepted::Published => (StatusCode::OK, "published"),
-                Accepted::Queued => (StatusCode::ACCEPTED, "queued"),
-                Accepted::Duplicate => (StatusCode::OK, "duplicate"),
-            };
-            tracing::info!(
-                request_id,
-                verification_id = id,
-                user_phone = phone,
-                outcome = accepted.outcome().as_str(),
-                status = status.as_u16(),
-                latency_ms,
-                "webhook"
-            );
-            HttpResponse::build(status).json(serde_json::json!({"result": result, "id": id}))
-        }
-        Err(error) => {
-            relay.metrics.webhook(error.outcome());
-            let status = error.status_code().as_u16();
-            if status >= 500 {
-                tracing::error!(request_id, verification_id = id, user_phone = phone, outcome = error.outcome().as_str(), status, latency_ms, error = %error, "webhook");
-            } else {
-                tracing::info!(
-                    request_id,
-                    verification_id = id,
-                    user_phone = phone,
-                    outcome = error.outcome().as_str(),
-                    status,
-                    latency_ms,
-                    code = error.code(),
-                    field = error.field(),
-                    "webhook"
-                );
-            }
-            error.error_response()
-        }
-    }
 }
 
 /// Everything after the body is read, timed as the `total` stage.
