@@ -12,7 +12,11 @@ use crate::config::{AuthMode, Settings};
 /// Mode, header and secret a sender uses: flags win over the configuration.
 #[derive(Debug, Clone)]
 pub struct SenderKey {
+    /// How the request is signed: `--mode`, else `auth.mode`.
     pub mode: AuthMode,
+    /// Where the signature (or the secret) goes: `--header`, else the
+    /// configured header when the mode is the configured one, else the
+    /// mode's default.
     pub header: String,
     /// Exposed only to sign; `{:?}` shows it redacted.
     pub secret: SecretString,

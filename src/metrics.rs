@@ -25,16 +25,26 @@ const STAGE_BUCKETS: &[f64] = &[
 /// How one webhook ended; the `outcome` label of `webhooks_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
+    /// Answered 200 after the broker confirmed the event.
     Published,
+    /// Answered 202 after the event was fsynced in the spool.
     Queued,
+    /// Answered 200 without publishing: the id was already committed.
     Duplicate,
+    /// Answered 409: another request holds the id's claim.
     InFlight,
+    /// Answered 401: a missing or wrong signature, or a stale timestamp.
     RejectedAuth,
+    /// Answered another 4xx: the request's media type, size, body, JSON or
+    /// fields, or its path or method.
     RejectedPayload,
+    /// Answered 503: the dedup store was down with `on_unavailable =
+    /// "reject"`, or the event could be neither published nor spooled.
     Unavailable,
 }
 
 impl Outcome {
+    /// Every outcome, so that each series exists (at zero) from start-up.
     pub const ALL: [Outcome; 7] = [
         Outcome::Published,
         Outcome::Queued,
@@ -45,6 +55,7 @@ impl Outcome {
         Outcome::Unavailable,
     ];
 
+    /// The `outcome` label value.
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Published => "published",
@@ -76,6 +87,7 @@ pub enum Stage {
 }
 
 impl Stage {
+    /// Every stage, in the order of their histograms (`Stage as usize`).
     pub const ALL: [Stage; 5] = [
         Stage::Claim,
         Stage::Publish,
@@ -84,6 +96,7 @@ impl Stage {
         Stage::Total,
     ];
 
+    /// The `stage` label value.
     pub fn as_str(self) -> &'static str {
         match self {
             Stage::Claim => "claim",
@@ -106,22 +119,43 @@ struct StageHistograms([Histogram; 5]);
 pub struct Metrics {
     registry: Registry,
     webhooks: IntCounterVec,
+    /// `request_duration_seconds`: the webhook route, once per answer.
     pub request_duration: Histogram,
+    /// `publish_duration_seconds`: the publisher, once per publish attempt.
     pub publish_duration: Histogram,
+    /// `spool_depth`: the spool, through [`Metrics::spool`].
     pub spool_depth: IntGauge,
+    /// `spool_bytes`: the spool, through [`Metrics::spool`].
     pub spool_bytes: IntGauge,
+    /// `amqp_connected`: the publisher, through [`Metrics::publisher`].
     pub amqp_connected: IntGauge,
+    /// `redis_connected`: the Redis health probe started by `startup`.
     pub redis_connected: IntGauge,
+    /// `dedup_skipped_total`: the webhook, when it publishes without a claim
+    /// because the dedup store is down.
     pub dedup_skipped: IntCounter,
+    /// `dedup_commit_failed_total`: the webhook, when a durable event's
+    /// commit fails (a redelivery may then be published twice).
     pub dedup_commit_failed: IntCounter,
+    /// `unroutable_total`: the publisher, when the broker returns an event.
     pub unroutable: IntCounter,
+    /// `spool_errors_total`: the spool, through [`Metrics::spool`].
     pub spool_errors: IntCounter,
+    /// `rate_limited_total`: the webhook route, when it refuses a request
+    /// before reading its body (such a request is not in `webhooks_total`).
     pub rate_limited: IntCounter,
     // Lifecycle API (SPEC 9).
     api_requests: IntCounterVec,
+    /// `sendtalk_requests_total`: the SendTalk client, through
+    /// [`Metrics::sendtalk`].
     pub sendtalk_requests: IntCounterVec,
+    /// `sendtalk_request_duration_seconds`: the SendTalk client, through
+    /// [`Metrics::sendtalk`].
     pub sendtalk_duration: Histogram,
+    /// `verifications_expired_total`: the expiry sweeper, once per published
+    /// `expired` event.
     pub verifications_expired: IntCounter,
+    /// `phone_mismatch_total`: the webhook's phone check.
     pub phone_mismatch: IntCounter,
     stage_duration: HistogramVec,
     stages: StageHistograms,
@@ -134,6 +168,13 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
+    /// A fresh registry with every series registered, the labelled ones at
+    /// zero, and `build_info` set.
+    ///
+    /// # Panics
+    ///
+    /// Never in practice: the definitions are static and their names unique;
+    /// the `expect`s only catch a programming error in this function.
     pub fn new() -> Self {
         let registry = Registry::new();
         let opts = |name: &str, help: &str| Opts::new(name, help).namespace(NAMESPACE);
@@ -335,10 +376,13 @@ impl Metrics {
         self.stages.0[stage as usize].observe(elapsed.as_secs_f64());
     }
 
+    /// Counts one answered webhook.
     pub fn webhook(&self, outcome: Outcome) {
         self.webhooks.with_label_values(&[outcome.as_str()]).inc();
     }
 
+    /// How many webhooks ended with `outcome` so far, for tests that would
+    /// rather not parse the exposition.
     pub fn webhook_count(&self, outcome: Outcome) -> u64 {
         self.webhooks.with_label_values(&[outcome.as_str()]).get()
     }

@@ -16,17 +16,27 @@ pub const MAX_FUTURE_SKEW: Duration = Duration::from_secs(300);
 /// Why a payload was refused. Each variant maps to one HTTP answer.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PayloadError {
+    /// 415: `Content-Type` is missing or is not `application/json`.
     #[error("Content-Type must be application/json")]
     UnsupportedMediaType,
+    /// 400: the body is not JSON at all (the parser's message is carried).
     #[error("body is not valid JSON: {0}")]
     InvalidJson(String),
+    /// 400: the JSON is not an object, or one field is missing or malformed.
     #[error("{message}")]
     InvalidPayload {
+        /// The field as SendTalk spells it (`userPhone`), or `""` for the
+        /// whole body.
         field: &'static str,
+        /// What is wrong with it, for the sender.
         message: String,
     },
+    /// 422: a well-formed status that is not in
+    /// `webhook.accepted_statuses` (the first 64 characters are carried).
     #[error("status `{0}` is not accepted")]
     UnsupportedStatus(String),
+    /// 422: `verifiedTime` is older than `webhook.max_event_age_secs` or
+    /// further ahead than [`MAX_FUTURE_SKEW`].
     #[error("{0}")]
     StaleEvent(String),
 }
@@ -68,6 +78,8 @@ pub fn check_media_type(content_type: Option<&[u8]>) -> Result<(), PayloadError>
 pub struct VerificationId(String);
 
 impl VerificationId {
+    /// The only way to a `VerificationId`; refuses anything else with
+    /// [`PayloadError::InvalidPayload`] on `id`.
     pub fn parse(raw: &str) -> Result<Self, PayloadError> {
         if raw.is_empty() || raw.len() > 128 {
             return Err(PayloadError::field("id", "id must be 1-128 characters"));
@@ -80,6 +92,8 @@ impl VerificationId {
         }
         Ok(Self(raw.to_string()))
     }
+
+    /// The id as SendTalk sent it: the dedup key and the AMQP message id.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -90,6 +104,8 @@ impl VerificationId {
 pub struct UserPhone(String);
 
 impl UserPhone {
+    /// The only way to a `UserPhone`; refuses anything else with
+    /// [`PayloadError::InvalidPayload`] on `userPhone`.
     pub fn parse(raw: &str) -> Result<Self, PayloadError> {
         if (5..=15).contains(&raw.len()) && raw.bytes().all(|b| b.is_ascii_digit()) {
             Ok(Self(raw.to_string()))
@@ -100,10 +116,12 @@ impl UserPhone {
             ))
         }
     }
+
     /// The number itself; never for a log line (use [`Self::masked`]).
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
     /// The number with its middle hidden, for logs: `6281****678`.
     pub fn masked(&self) -> String {
         crate::telemetry::mask_phone(&self.0)
@@ -121,6 +139,8 @@ impl std::fmt::Debug for UserPhone {
 pub struct Status(String);
 
 impl Status {
+    /// Accepts `raw` only when it is one of `accepted`
+    /// (`webhook.accepted_statuses`), compared exactly.
     pub fn parse(raw: &str, accepted: &[String]) -> Result<Self, PayloadError> {
         if accepted.iter().any(|s| s == raw) {
             Ok(Self(raw.to_string()))
@@ -130,6 +150,8 @@ impl Status {
             ))
         }
     }
+
+    /// The status as sent; it renders the routing key and the `type` property.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -156,6 +178,8 @@ impl VerifiedTime {
             )),
         }
     }
+
+    /// Unix milliseconds, as SendTalk sent them.
     pub fn millis(self) -> u64 {
         self.0
     }
@@ -164,16 +188,23 @@ impl VerifiedTime {
 /// A validated verification webhook.
 #[derive(Debug, Clone)]
 pub struct VerificationEvent {
+    /// `id`: the dedup key.
     pub id: VerificationId,
+    /// `userPhone`: the number that sent the verification message.
     pub user_phone: UserPhone,
+    /// `status`: one of the accepted statuses.
     pub status: Status,
+    /// `verifiedTime`: within the accepted age when the event was parsed.
     pub verified_time: VerifiedTime,
 }
 
 /// What payload parsing needs from the configuration.
 #[derive(Debug, Clone)]
 pub struct PayloadRules {
+    /// `webhook.accepted_statuses`: any other status is refused with 422.
     pub accepted_statuses: Vec<String>,
+    /// `webhook.max_event_age_secs`: an older `verifiedTime` is refused with
+    /// 422, so that a replay cannot outlive the dedup window.
     pub max_event_age: Duration,
 }
 

@@ -59,8 +59,12 @@ enum Backend {
 /// One connection of whichever kind the mode uses.
 #[derive(Clone)]
 pub enum RedisConn {
+    /// `redis.mode = "standalone"`: the manager reconnects by itself.
     Standalone(ConnectionManager),
+    /// `redis.mode = "cluster"`: routes each key to its slot's master.
     Cluster(redis::cluster_async::ClusterConnection),
+    /// `redis.mode = "sentinel"`: the current master, replaced after a
+    /// failure by asking the sentinels again.
     Sentinel(redis::aio::MultiplexedConnection),
 }
 

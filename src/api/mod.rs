@@ -41,15 +41,25 @@ use store::{Record, Status, Store};
 /// Everything the API, the sweeper and the webhook's hooks share; built once
 /// by `startup`.
 pub struct Lifecycle {
+    /// Records, the expiry index and idempotency keys; shared with the
+    /// sweeper, so a status written by one is read by the other.
     pub store: Store,
+    /// Calls SendTalk's create API; the only holder of the API key.
     pub sendtalk: SendTalkClient,
     /// `api.tokens` + `api.token_files`: every one is accepted (rotation).
     pub tokens: Vec<SecretString>,
     /// The same sink and spool as the webhook: the same guarantees.
     pub sink: Arc<Sink>,
+    /// `None` when `spool.enabled` is off or the sink is not AMQP: an event
+    /// the broker cannot take then fails instead of being queued.
     pub spool: Option<Spool>,
+    /// The process's registry handles (the API's counters live beside the
+    /// webhook's).
     pub metrics: Metrics,
+    /// `sendtalk.default_language`, for a create request without `languageCode`.
     pub default_language: String,
+    /// `sendtalk.default_expiry_minutes`, for a create request without
+    /// `expiryMinutes`.
     pub default_expiry_minutes: u32,
     /// How long one replica holds the expiry of one verification while it
     /// publishes the `expired` event (`dedup.lease_secs`: the same worst

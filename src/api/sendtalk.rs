@@ -23,9 +23,17 @@ const CODE_HEADERS: &str = "40001";
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CreateRequest {
+    /// The phone to verify: 5-15 digits, E.164 without `+`, as validated by
+    /// the API before the call.
     pub user_phone: String,
+    /// The language of the WhatsApp message: the caller's, else
+    /// `sendtalk.default_language`.
     pub language_code: String,
+    /// How long SendTalk keeps the verification open; the relay's expiry
+    /// sweeper uses the same value.
     pub expiry_minutes: u32,
+    /// Where SendTalk sends the user after verifying; left out of the JSON
+    /// when the caller gave none.
     #[serde(rename = "appURL", skip_serializing_if = "Option::is_none")]
     pub app_url: Option<String>,
 }
@@ -33,27 +41,49 @@ pub struct CreateRequest {
 /// What SendTalk gave back for a successful create.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Created {
+    /// SendTalk's verification id, already checked to parse as a
+    /// [`crate::payload::VerificationId`]: the id its webhook will carry.
     pub id: String,
+    /// The `wa.me` link the user opens to send the verification message.
     pub wa_link: String,
+    /// The message text that link pre-fills.
     pub wa_message: String,
+    /// A PNG of the link as a QR code, base64; empty when SendTalk sent none.
     pub qr_code: String,
 }
 
 /// Every way a create can fail, each with one relay answer (SPEC 9.1).
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
+    /// Status 400 with code 40002: SendTalk refused a parameter the local
+    /// validation let through.
     #[error("SendTalk refused a parameter: {message}")]
-    Validation { field: String, message: String },
+    Validation {
+        /// The parameter as SendTalk names it (e.g. `userPhone`).
+        field: String,
+        /// SendTalk's explanation, passed on to the caller.
+        message: String,
+    },
+    /// HTTP 401/403, status 401/403, or status 400 with code 40001:
+    /// SendTalk refused the relay's API key (an operator problem).
     #[error("SendTalk refused our API key: {0}")]
     Unauthorized(String),
+    /// `reason: invalid_recipient`: the phone cannot receive WhatsApp.
     #[error("SendTalk cannot deliver to this recipient")]
     InvalidRecipient,
+    /// `reason: insufficient_balance`: the SendTalk account is out of credit.
     #[error("SendTalk account balance is insufficient")]
     InsufficientBalance,
+    /// `reason: config_disabled`: WhatsApp verification is off for the
+    /// account.
     #[error("SendTalk WhatsApp verification is disabled for this account")]
     Disabled,
+    /// No complete answer within `sendtalk.timeout_ms`; SendTalk may or may
+    /// not have created the verification.
     #[error("SendTalk did not answer within {0:?}")]
     Timeout(Duration),
+    /// A failed connection, a non-2xx status or a body SPEC 9.1 does not
+    /// document.
     #[error("SendTalk answered in an unexpected way: {0}")]
     Unexpected(String),
 }
@@ -101,6 +131,8 @@ impl std::fmt::Debug for SendTalkClient {
 }
 
 impl SendTalkClient {
+    /// Builds the one pooled client; every request through it is bounded by
+    /// `timeout`. Fails only when the TLS back end cannot be set up.
     pub fn new(
         base_url: &str,
         api_key: SecretString,

@@ -12,8 +12,12 @@ use crate::spool::Spool;
 
 /// What readiness looks at.
 pub struct AdminState {
+    /// The app's registry, rendered by `/metrics`.
     pub metrics: Metrics,
+    /// The webhook's sink: ready when it can publish now.
     pub sink: Arc<Sink>,
+    /// The webhook's spool, if enabled: ready when it has room, even with
+    /// the broker down.
     pub spool: Option<Spool>,
     /// Cleared when shutdown begins; owned by `startup`.
     pub accepting: Arc<AtomicBool>,
@@ -27,6 +31,9 @@ impl std::fmt::Debug for AdminState {
     }
 }
 
+/// Liveness: 200 whenever the process can answer at all; it says nothing
+/// about the broker or Redis, so an orchestrator does not restart the relay
+/// for their outages.
 pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
 }
@@ -52,6 +59,7 @@ pub async fn readyz(state: web::Data<AdminState>) -> HttpResponse {
     }
 }
 
+/// The Prometheus text exposition of the app's registry.
 pub async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")

@@ -47,7 +47,12 @@ pub const APPEND_MAX: Duration = Duration::from_secs(5);
 pub enum SpoolError {
     /// `spool.max_bytes` would be exceeded.
     #[error("spool is full ({used} of {max} bytes)")]
-    Full { used: u64, max: u64 },
+    Full {
+        /// Bytes already in (or reserved by) the spool before this append.
+        used: u64,
+        /// `spool.max_bytes`.
+        max: u64,
+    },
     /// `spool.enabled = false`.
     #[error("spool is disabled")]
     Disabled,

@@ -31,6 +31,7 @@ pub enum ApiError {
     InvalidPayload {
         /// The field as the caller spells it, or `""` for the whole body.
         field: &'static str,
+        /// What is wrong with it, for the caller.
         message: String,
     },
     /// 422: the key came back with another body.
@@ -60,6 +61,7 @@ pub struct ErrorBody {
 }
 
 #[derive(Serialize, ToSchema)]
+#[allow(missing_docs)] // a `///` here would become its description in /openapi.json
 pub struct ErrorDetail {
     /// Machine-readable code, e.g. `invalid_payload`.
     code: String,

@@ -22,24 +22,38 @@ const UNAVAILABLE_RETRY_SECS: u64 = 30;
 /// Every way a webhook can fail, each with exactly one HTTP answer.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
+    /// 413: `Content-Length` or the bytes received exceed
+    /// `http.max_body_bytes` (the limit is carried).
     #[error("body exceeds {0} bytes")]
     PayloadTooLarge(usize),
+    /// 400: the connection failed while the body was being read.
     #[error("the request body could not be read: {0}")]
     BodyRead(String),
+    /// 408: the body did not arrive within [`super::BODY_READ_TIMEOUT`].
     #[error("the request body was not received in time")]
     BodyTimeout,
+    /// 401: the signature or secret check failed.
     #[error(transparent)]
     Auth(#[from] AuthError),
+    /// 400, 415 or 422: the body is not a relayable event.
     #[error(transparent)]
     Payload(#[from] PayloadError),
+    /// 409: another request holds the dedup claim on this id.
     #[error("this verification id is being processed right now")]
     InFlight,
+    /// 503: the dedup store is down with `dedup.on_unavailable = "reject"`,
+    /// or the event could be neither confirmed nor spooled; the cause is
+    /// logged, never answered.
     #[error("the event could not be made durable: {0}")]
     Unavailable(String),
+    /// 404: any path of the public listener but the webhook's.
     #[error("no such endpoint")]
     NotFound,
+    /// 405: a method other than POST on the webhook path.
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// 429: the client's rate limit is spent; carries how long until it
+    /// may try again (`Retry-After`).
     #[error("too many requests from this client")]
     RateLimited(Duration),
 }
@@ -95,6 +109,7 @@ impl RelayError {
         }
     }
 
+    /// The `outcome` label this failure counts under in `webhooks_total`.
     pub fn outcome(&self) -> Outcome {
         match self {
             RelayError::Auth(_) => Outcome::RejectedAuth,
