@@ -6,8 +6,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::{
-    judge, now_ms, ttl_ms, ExpiryClaim, IdemBegin, IdemValue, Record, Status, StoreError,
-    StorePolicy, StoredAnswer,
+    judge, now_ms, ttl_ms, ExpiryClaim, IdemBegin, IdemValue, Record, Status, StorePolicy,
+    StoredAnswer,
 };
 
 struct MemoryRecord {
@@ -33,7 +33,9 @@ struct MemoryState {
     inserts: u64,
 }
 
-/// In-process store with the same semantics, for one process.
+/// In-process store with the same semantics, for one process. Nothing here
+/// can fail, so its methods return plain values; [`super::Store`] wraps them
+/// in `Ok`.
 pub struct MemoryStore {
     /// Every critical section is a few map operations with no await.
     state: Mutex<MemoryState>,
@@ -67,7 +69,7 @@ impl MemoryStore {
         state.idempotency.retain(|_, i| i.forget_at_ms > now);
     }
 
-    pub(super) fn create_pending(&self, record: &Record) -> Result<(), StoreError> {
+    pub(super) fn create_pending(&self, record: &Record) {
         let now = now_ms();
         let mut state = self.lock();
         Self::forget_old(&mut state, now);
@@ -80,32 +82,24 @@ impl MemoryStore {
                 forget_at_ms,
             },
         );
-        Ok(())
     }
 
-    pub(super) fn get(&self, id: &str) -> Result<Option<Record>, StoreError> {
+    pub(super) fn get(&self, id: &str) -> Option<Record> {
         let now = now_ms();
-        Ok(self
-            .lock()
+        self.lock()
             .records
             .get(id)
             .filter(|r| r.forget_at_ms > now)
-            .map(|r| r.record.clone()))
+            .map(|r| r.record.clone())
     }
 
-    pub(super) fn created_phone(&self, id: &str) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .get(id)?
+    pub(super) fn created_phone(&self, id: &str) -> Option<String> {
+        self.get(id)
             .filter(Record::created_here)
-            .and_then(|r| r.user_phone))
+            .and_then(|r| r.user_phone)
     }
 
-    pub(super) fn mark_verified(
-        &self,
-        id: &str,
-        user_phone: &str,
-        verified_time_ms: u64,
-    ) -> Result<(), StoreError> {
+    pub(super) fn mark_verified(&self, id: &str, user_phone: &str, verified_time_ms: u64) {
         let now = now_ms();
         let forget_at_ms = now + ttl_ms(self.policy.ttl);
         let mut state = self.lock();
@@ -128,10 +122,9 @@ impl MemoryStore {
         entry.record.status = Status::Verified;
         entry.record.verified_time_ms = Some(verified_time_ms);
         entry.forget_at_ms = forget_at_ms;
-        Ok(())
     }
 
-    pub(super) fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<String>, StoreError> {
+    pub(super) fn due(&self, now_ms: u64, limit: usize) -> Vec<String> {
         let state = self.lock();
         let mut due: Vec<(u64, String)> = state
             .records
@@ -145,7 +138,7 @@ impl MemoryStore {
             })
             .collect();
         due.sort();
-        Ok(due.into_iter().take(limit).map(|(_, id)| id).collect())
+        due.into_iter().take(limit).map(|(_, id)| id).collect()
     }
 
     pub(super) fn claim_expiry(
@@ -154,29 +147,29 @@ impl MemoryStore {
         now_ms: u64,
         lease: Duration,
         token: &str,
-    ) -> Result<ExpiryClaim, StoreError> {
+    ) -> ExpiryClaim {
         let mut state = self.lock();
         let Some(entry) = state.records.get_mut(id) else {
-            return Ok(ExpiryClaim::Done);
+            return ExpiryClaim::Done;
         };
         if entry.record.status != Status::Pending {
-            return Ok(ExpiryClaim::Done);
+            return ExpiryClaim::Done;
         }
         if entry.record.expires_at_ms.unwrap_or(0) > now_ms {
-            return Ok(ExpiryClaim::NotDue);
+            return ExpiryClaim::NotDue;
         }
         if entry
             .lease
             .as_ref()
             .is_some_and(|(_, until)| *until > now_ms)
         {
-            return Ok(ExpiryClaim::Busy);
+            return ExpiryClaim::Busy;
         }
         entry.lease = Some((token.to_string(), now_ms + ttl_ms(lease)));
-        Ok(ExpiryClaim::Claimed(entry.record.clone()))
+        ExpiryClaim::Claimed(entry.record.clone())
     }
 
-    pub(super) fn finish_expiry(&self, id: &str, token: &str) -> Result<(), StoreError> {
+    pub(super) fn finish_expiry(&self, id: &str, token: &str) {
         let forget_at_ms = now_ms() + ttl_ms(self.policy.ttl);
         let mut state = self.lock();
         if let Some(entry) = state.records.get_mut(id) {
@@ -188,24 +181,22 @@ impl MemoryStore {
                 entry.forget_at_ms = forget_at_ms;
             }
         }
-        Ok(())
     }
 
-    pub(super) fn release_expiry(&self, id: &str, token: &str) -> Result<(), StoreError> {
+    pub(super) fn release_expiry(&self, id: &str, token: &str) {
         let mut state = self.lock();
         if let Some(entry) = state.records.get_mut(id) {
             if entry.lease.as_ref().is_some_and(|(t, _)| t == token) {
                 entry.lease = None;
             }
         }
-        Ok(())
     }
 
-    pub(super) fn idem_begin(&self, key: &str, fingerprint: &str) -> Result<IdemBegin, StoreError> {
+    pub(super) fn idem_begin(&self, key: &str, fingerprint: &str) -> IdemBegin {
         let now = now_ms();
         let mut state = self.lock();
         if let Some(existing) = state.idempotency.get(key).filter(|i| i.forget_at_ms > now) {
-            return Ok(judge(&existing.value, fingerprint));
+            return judge(&existing.value, fingerprint);
         }
         Self::forget_old(&mut state, now);
         state.idempotency.insert(
@@ -218,15 +209,10 @@ impl MemoryStore {
                 forget_at_ms: now + ttl_ms(self.policy.running_ttl),
             },
         );
-        Ok(IdemBegin::Started)
+        IdemBegin::Started
     }
 
-    pub(super) fn idem_finish(
-        &self,
-        key: &str,
-        fingerprint: &str,
-        answer: &StoredAnswer,
-    ) -> Result<(), StoreError> {
+    pub(super) fn idem_finish(&self, key: &str, fingerprint: &str, answer: &StoredAnswer) {
         let forget_at_ms = now_ms() + ttl_ms(self.policy.idempotency_ttl);
         self.lock().idempotency.insert(
             key.to_string(),
@@ -238,6 +224,5 @@ impl MemoryStore {
                 forget_at_ms,
             },
         );
-        Ok(())
     }
 }

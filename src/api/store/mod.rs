@@ -199,7 +199,7 @@ macro_rules! dispatch {
     ($self:ident, $s:ident => $e:expr) => {
         match $self {
             Store::Redis($s) => $e.await,
-            Store::Memory($s) => $e,
+            Store::Memory($s) => Ok($e),
         }
     };
 }

@@ -17,40 +17,32 @@ fn store() -> MemoryStore {
 fn expiry_is_claimed_once_and_finished_after_the_event() {
     let s = store();
     let now = now_ms();
-    s.create_pending(&Record::pending("a", "628100", now - 10, now - 1))
-        .unwrap();
-    assert_eq!(s.due(now, 10).unwrap(), vec!["a".to_string()]);
+    s.create_pending(&Record::pending("a", "628100", now - 10, now - 1));
+    assert_eq!(s.due(now, 10), vec!["a".to_string()]);
     let lease = Duration::from_secs(30);
     assert!(matches!(
-        s.claim_expiry("a", now, lease, "t1").unwrap(),
+        s.claim_expiry("a", now, lease, "t1"),
         ExpiryClaim::Claimed(_)
     ));
-    assert_eq!(
-        s.claim_expiry("a", now, lease, "t2").unwrap(),
-        ExpiryClaim::Busy
-    );
-    s.finish_expiry("a", "t1").unwrap();
-    assert_eq!(
-        s.claim_expiry("a", now, lease, "t2").unwrap(),
-        ExpiryClaim::Done
-    );
-    assert_eq!(s.get("a").unwrap().unwrap().status, Status::Expired);
-    assert!(s.due(now, 10).unwrap().is_empty());
+    assert_eq!(s.claim_expiry("a", now, lease, "t2"), ExpiryClaim::Busy);
+    s.finish_expiry("a", "t1");
+    assert_eq!(s.claim_expiry("a", now, lease, "t2"), ExpiryClaim::Done);
+    assert_eq!(s.get("a").unwrap().status, Status::Expired);
+    assert!(s.due(now, 10).is_empty());
 }
 
 #[test]
 fn a_lost_lease_lets_another_claim() {
     let s = store();
     let now = now_ms();
-    s.create_pending(&Record::pending("b", "628100", now - 10, now - 1))
-        .unwrap();
+    s.create_pending(&Record::pending("b", "628100", now - 10, now - 1));
     let lease = Duration::from_millis(100);
     assert!(matches!(
-        s.claim_expiry("b", now, lease, "t1").unwrap(),
+        s.claim_expiry("b", now, lease, "t1"),
         ExpiryClaim::Claimed(_)
     ));
     assert!(matches!(
-        s.claim_expiry("b", now + 200, lease, "t2").unwrap(),
+        s.claim_expiry("b", now + 200, lease, "t2"),
         ExpiryClaim::Claimed(_)
     ));
 }
@@ -58,16 +50,16 @@ fn a_lost_lease_lets_another_claim() {
 #[test]
 fn idempotency_keys_replay_refuse_and_report_running() {
     let s = store();
-    assert_eq!(s.idem_begin("k", "f1").unwrap(), IdemBegin::Started);
-    assert_eq!(s.idem_begin("k", "f1").unwrap(), IdemBegin::Running);
-    assert_eq!(s.idem_begin("k", "f2").unwrap(), IdemBegin::Reused);
+    assert_eq!(s.idem_begin("k", "f1"), IdemBegin::Started);
+    assert_eq!(s.idem_begin("k", "f1"), IdemBegin::Running);
+    assert_eq!(s.idem_begin("k", "f2"), IdemBegin::Reused);
     let answer = StoredAnswer {
         status: 201,
         body: "{}".into(),
         location: None,
     };
-    s.idem_finish("k", "f1", &answer).unwrap();
-    assert_eq!(s.idem_begin("k", "f1").unwrap(), IdemBegin::Done(answer));
+    s.idem_finish("k", "f1", &answer);
+    assert_eq!(s.idem_begin("k", "f1"), IdemBegin::Done(answer));
 }
 
 #[test]
