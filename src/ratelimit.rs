@@ -49,7 +49,8 @@ impl ClientLimits {
         let hops = forwarded_for.unwrap_or("").split(',').map(str::trim).rev();
         for hop in hops {
             match hop.parse::<IpAddr>() {
-                Ok(ip) if self.is_trusted(ip) => continue,
+                // One of our proxies added it: look one hop further.
+                Ok(ip) if self.is_trusted(ip) => {}
                 Ok(ip) => return Some(ip),
                 // A malformed entry ends what can be believed.
                 Err(_) => break,

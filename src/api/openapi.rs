@@ -48,7 +48,7 @@ struct WebhookBody {
     #[schema(example = "verified")]
     status: String,
     /// Unix milliseconds.
-    #[schema(rename = "verifiedTime", example = 1692847205385_u64)]
+    #[schema(rename = "verifiedTime", example = 1_692_847_205_385_u64)]
     verified_time: u64,
 }
 

@@ -329,10 +329,10 @@ mod tests {
         type Spoil = fn(&mut RawApi, &mut RawSendTalk);
         let cases: [(&str, Spoil); 5] = [
             ("sendtalk.default_language", |_, s| {
-                s.default_language = "fr".into()
+                s.default_language = "fr".into();
             }),
             ("sendtalk.default_expiry_minutes", |_, s| {
-                s.default_expiry_minutes = 1441
+                s.default_expiry_minutes = 1441;
             }),
             ("sendtalk.base_url", |_, s| s.base_url = "ftp://x".into()),
             ("sendtalk.timeout_ms", |_, s| s.timeout_ms = 0),

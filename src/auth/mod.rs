@@ -87,7 +87,7 @@ impl std::fmt::Debug for Verifier {
             .field("mode", &self.mode)
             .field("header", &self.header)
             .field("secrets", &self.keys.len())
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 

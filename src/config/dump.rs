@@ -7,8 +7,13 @@ use std::collections::BTreeMap;
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::Serializer;
 
-use super::amqp::OneOrMany;
+use super::amqp::{OneOrMany, RawAmqp};
+use super::auth::{RawAuth, RawWebhook};
+use super::dedup::{RawDedup, RawRedis};
+use super::http::RawHttp;
+use super::spool_log::{RawLog, RawShutdown};
 use super::{AdminSettings, RawSettings, SinkKind, SpoolSettings};
+use crate::api::settings::{RawApi, RawSendTalk};
 
 /// What a secret is printed as.
 const REDACTED: &str = "<redacted>";
@@ -88,18 +93,18 @@ pub fn default_keys() -> BTreeMap<String, String> {
     let mut keys = BTreeMap::new();
     let defaults = RawSettings {
         sink: SinkKind::Amqp,
-        http: Default::default(),
+        http: RawHttp::default(),
         admin: AdminSettings::default(),
-        auth: Default::default(),
-        webhook: Default::default(),
-        dedup: Default::default(),
-        redis: Default::default(),
-        amqp: Default::default(),
+        auth: RawAuth::default(),
+        webhook: RawWebhook::default(),
+        dedup: RawDedup::default(),
+        redis: RawRedis::default(),
+        amqp: RawAmqp::default(),
         spool: SpoolSettings::default(),
-        log: Default::default(),
-        shutdown: Default::default(),
-        api: Default::default(),
-        sendtalk: Default::default(),
+        log: RawLog::default(),
+        shutdown: RawShutdown::default(),
+        api: RawApi::default(),
+        sendtalk: RawSendTalk::default(),
     };
     if let Ok(toml::Value::Table(table)) = toml::Value::try_from(&defaults) {
         flatten("", &table, &mut keys);

@@ -129,7 +129,7 @@ impl ServerTls {
         use rustls::pki_types::pem::PemObject as _;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let certs = CertificateDer::pem_file_iter(cert_file)
-            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .and_then(Iterator::collect::<Result<Vec<_>, _>>)
             .map_err(|e| {
                 ConfigError::new(
                     "http.tls_cert_file",

@@ -341,12 +341,12 @@ fn read_layers(
         };
         builder = result.map_err(|e| ConfigError::new(format!("{name} ({key})"), e.to_string()))?;
     }
-    let layered = builder.build().map_err(from_config_error)?;
-    layered.try_deserialize().map_err(from_config_error)
+    let layered = builder.build().map_err(|e| from_config_error(&e))?;
+    layered.try_deserialize().map_err(|e| from_config_error(&e))
 }
 
 /// Turns the `config` crate's error into one naming the key.
-fn from_config_error(error: config::ConfigError) -> ConfigError {
+fn from_config_error(error: &config::ConfigError) -> ConfigError {
     let text = error.to_string();
     // serde's messages name the field, `config` appends the path ("for key `x.y`").
     let key = text

@@ -28,12 +28,12 @@ pub use redis::RedisDedup;
 
 /// How long one Redis command may take before the store counts as down: a
 /// webhook must not wait on a blackholed Redis longer than this.
-pub const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_millis(1_000);
+pub const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Connecting is allowed a little longer (TLS handshakes, DNS).
-pub const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_millis(2_000);
+pub const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest one dedup operation (claim, commit or release, with its one
 /// retry) may take: a reconnect and an answer.
-pub const REDIS_OP_MAX: Duration = Duration::from_millis(3_000);
+pub const REDIS_OP_MAX: Duration = Duration::from_secs(3);
 
 /// Stored value prefixes: a lease is `lease:<token>`, a committed record is
 /// JSON and never starts with that prefix.

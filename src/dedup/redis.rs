@@ -124,7 +124,7 @@ impl RedisDedup {
                 let held: Option<Vec<u8>> = self.query(&get).await?;
                 match held {
                     // Gone between the two commands: try the SET again.
-                    None => continue,
+                    None => {}
                     Some(v) if v == token.0.as_bytes() => return Ok(Claim::Claimed(token)),
                     Some(v) if v.starts_with(LEASE_PREFIX.as_bytes()) => {
                         return Ok(Claim::InFlight)

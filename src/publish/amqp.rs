@@ -237,7 +237,7 @@ impl AmqpPublisher {
                     next_uri = 0;
                 }
                 Err(e) => {
-                    tracing::warn!(broker = %uri, error = %e, retry_in_ms = delay.as_millis() as u64, "could not connect to the broker");
+                    tracing::warn!(broker = %uri, error = %e, retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "could not connect to the broker");
                     next_uri += 1;
                     let jittered = delay.mul_f64(rand::random_range(0.5..1.0));
                     tokio::select! {
@@ -327,7 +327,7 @@ impl AmqpPublisher {
             let silent_for = Duration::from_millis(self.millis_since_epoch().saturating_sub(last));
             if self.inner.timeouts_since_ack.load(Ordering::Relaxed) > 0 && silent_for > timeout {
                 tracing::warn!(
-                    silent_ms = silent_for.as_millis() as u64,
+                    silent_ms = u64::try_from(silent_for.as_millis()).unwrap_or(u64::MAX),
                     "broker stopped confirming; reconnecting"
                 );
                 return;

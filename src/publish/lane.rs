@@ -26,7 +26,6 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::FutureExt as _;
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
@@ -186,22 +185,21 @@ impl Lane {
                         answer = tokio::time::timeout(LATE_CONFIRM_MAX, confirm) => answer.ok(),
                         () = closed.cancelled() => None,
                     };
-                    let answer = match answer {
-                        Some(result) => read(result, &mut returned),
-                        None => {
-                            // Closing the channel rejects every confirm on it
-                            // (on shutdown, `Link::close` closes it).
-                            if !closed.is_cancelled() {
-                                let _ = self.channel.close(200, "confirm abandoned".into()).await;
-                            }
-                            Answer::Failed(
-                                lapin::ErrorKind::InvalidChannelState(
-                                    lapin::ChannelState::Closed,
-                                    "confirm abandoned",
-                                )
-                                .into(),
-                            )
+                    let answer = if let Some(result) = answer {
+                        read(result, &mut returned)
+                    } else {
+                        // Closing the channel rejects every confirm on it
+                        // (on shutdown, `Link::close` closes it).
+                        if !closed.is_cancelled() {
+                            let _ = self.channel.close(200, "confirm abandoned".into()).await;
                         }
+                        Answer::Failed(
+                            lapin::ErrorKind::InvalidChannelState(
+                                lapin::ChannelState::Closed,
+                                "confirm abandoned",
+                            )
+                            .into(),
+                        )
                     };
                     if let Some(p) = self.lock_queue().front_mut() {
                         p.answer = Some(answer);
@@ -214,7 +212,11 @@ impl Lane {
             let _send = self.send.lock().await;
             let mut queue = self.lock_queue();
             for p in queue.iter_mut().filter(|p| p.answer.is_none()) {
-                if let Some(result) = p.confirm.as_mut().and_then(|c| c.now_or_never()) {
+                if let Some(result) = p
+                    .confirm
+                    .as_mut()
+                    .and_then(futures_util::FutureExt::now_or_never)
+                {
                     p.confirm = None;
                     p.answer = Some(read(result, &mut returned));
                 }
@@ -264,11 +266,10 @@ fn read(result: Result<Confirmation, lapin::Error>, returned: &mut HashSet<u64>)
         Err(e) => return Answer::Failed(e),
     };
     if let Some(message) = message {
-        match publish_id(&message.delivery.properties) {
-            Some(id) => {
-                returned.insert(id);
-            }
-            None => tracing::warn!("the broker returned a message without a publish id"),
+        if let Some(id) = publish_id(&message.delivery.properties) {
+            returned.insert(id);
+        } else {
+            tracing::warn!("the broker returned a message without a publish id");
         }
     }
     answer

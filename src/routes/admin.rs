@@ -27,7 +27,7 @@ impl std::fmt::Debug for AdminState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AdminState")
             .field("accepting", &self.accepting)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 

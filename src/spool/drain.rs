@@ -66,10 +66,10 @@ impl Spool {
             }
             while self.depth() > 0 && sink.is_available() && !shutdown.is_cancelled() {
                 match self.drain_pass(&sink, None, &shutdown).await {
-                    Ok(0) => break,
+                    // Nothing left; or the storage is failing, which the
+                    // writer logged once already and recovers from by itself.
+                    Ok(0) | Err(SpoolError::Failing) => break,
                     Ok(_) => {}
-                    // Already logged once by the writer; it recovers by itself.
-                    Err(SpoolError::Failing) => break,
                     Err(e) => {
                         tracing::error!(error = %e, "spool drain failed");
                         break;

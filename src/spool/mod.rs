@@ -174,7 +174,7 @@ impl Spool {
         let writer_shared = shared.clone();
         std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || store::writer_loop(writer_shared, path, rx))
+            .spawn(move || store::writer_loop(&writer_shared, &path, rx))
             .map_err(storage)?;
         if depth > 0 {
             tracing::info!(
@@ -261,19 +261,16 @@ impl Spool {
         let result = tokio::time::timeout(APPEND_MAX, write)
             .await
             .unwrap_or_else(|_| Err(storage(format!("no fsync within {APPEND_MAX:?}"))));
-        match &result {
-            Ok(()) => {
-                shared.depth.fetch_add(1, Ordering::AcqRel);
-                if let Some(late) = late {
-                    self.settle_when_confirmed(seq, len, late);
-                }
-                self.inner.appended.notify_one();
+        if result.is_ok() {
+            shared.depth.fetch_add(1, Ordering::AcqRel);
+            if let Some(late) = late {
+                self.settle_when_confirmed(seq, len, late);
             }
-            Err(_) => {
-                shared.bytes.fetch_sub(len, Ordering::AcqRel);
-                self.inner.errors.inc();
-                self.clear_hold(seq);
-            }
+            self.inner.appended.notify_one();
+        } else {
+            shared.bytes.fetch_sub(len, Ordering::AcqRel);
+            self.inner.errors.inc();
+            self.clear_hold(seq);
         }
         shared.update_gauges();
         result

@@ -13,7 +13,7 @@
 //! and reopens it (which repairs it) until a probe write succeeds; meanwhile
 //! every write is refused at once (SPEC 5).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -102,11 +102,7 @@ fn probe(db: &Database) -> Result<(), SpoolError> {
 }
 
 /// The writer thread: group commits until every sender is gone.
-pub(super) fn writer_loop(
-    shared: Arc<Shared>,
-    path: PathBuf,
-    mut rx: mpsc::UnboundedReceiver<Command>,
-) {
+pub(super) fn writer_loop(shared: &Shared, path: &Path, mut rx: mpsc::UnboundedReceiver<Command>) {
     let mut last_reopen = Instant::now();
     loop {
         let first = if shared.is_failing() {
@@ -114,11 +110,11 @@ pub(super) fn writer_loop(
             match recv_timeout(&mut rx, REOPEN_EVERY) {
                 Recv::Closed => return,
                 Recv::Timeout => {
-                    try_reopen(&shared, &path, &mut last_reopen);
+                    try_reopen(shared, path, &mut last_reopen);
                     continue;
                 }
                 Recv::Got(command) => {
-                    try_reopen(&shared, &path, &mut last_reopen);
+                    try_reopen(shared, path, &mut last_reopen);
                     command
                 }
             }

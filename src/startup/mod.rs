@@ -102,7 +102,7 @@ impl std::fmt::Debug for Application {
         f.debug_struct("Application")
             .field("webhook_addr", &self.webhook_addr)
             .field("admin_addr", &self.admin_addr)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 

@@ -10,7 +10,7 @@ use actix_web::dev::Server;
 use actix_web::{web, App, HttpServer};
 use anyhow::Context as _;
 
-use crate::config::Settings;
+use crate::config::{ServerTls, Settings};
 use crate::routes::admin::{self, AdminState};
 use crate::routes::webhook::{self, Relay};
 
@@ -47,7 +47,7 @@ pub(super) fn webhook(settings: &Settings, relay: web::Data<Relay>) -> anyhow::R
             )
             .default_service(web::to(webhook::not_found))
     });
-    let server = match settings.http.tls.as_ref().map(|tls| tls.server_config()) {
+    let server = match settings.http.tls.as_ref().map(ServerTls::server_config) {
         Some(config) => server.listen_rustls_0_23(listener, config),
         None => server.listen(listener),
     };

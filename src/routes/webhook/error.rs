@@ -124,15 +124,15 @@ impl ResponseError for RelayError {
     fn status_code(&self) -> StatusCode {
         match self {
             RelayError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            RelayError::BodyRead(_) => StatusCode::BAD_REQUEST,
+            RelayError::BodyRead(_)
+            | RelayError::Payload(
+                PayloadError::InvalidJson(_) | PayloadError::InvalidPayload { .. },
+            ) => StatusCode::BAD_REQUEST,
             RelayError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             RelayError::Auth(_) => StatusCode::UNAUTHORIZED,
             RelayError::Payload(PayloadError::UnsupportedMediaType) => {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE
             }
-            RelayError::Payload(
-                PayloadError::InvalidJson(_) | PayloadError::InvalidPayload { .. },
-            ) => StatusCode::BAD_REQUEST,
             RelayError::Payload(
                 PayloadError::UnsupportedStatus(_) | PayloadError::StaleEvent(_),
             ) => StatusCode::UNPROCESSABLE_ENTITY,

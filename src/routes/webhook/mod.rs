@@ -78,7 +78,7 @@ impl std::fmt::Debug for Relay {
         f.debug_struct("Relay")
             .field("verifier", &self.verifier)
             .field("dedup", &self.dedup)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 

@@ -81,8 +81,7 @@ pub(crate) fn request_id(req: &HttpRequest) -> String {
                 && v.len() <= MAX_REQUEST_ID_LEN
                 && v.bytes().all(|b| (0x21..=0x7e).contains(&b))
         })
-        .map(String::from)
-        .unwrap_or_else(|| crate::ids::random_uuid().to_string())
+        .map_or_else(|| crate::ids::random_uuid().to_string(), String::from)
 }
 
 /// Logs the header names (never values) of a request refused with
