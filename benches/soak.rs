@@ -16,7 +16,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::proxy::FaultProxy;
-use support::*;
+use support::{
+    base_env, cleanup_names, event_body, eventually, listen_on_free_ports, message_ids,
+    relay_command, try_post_signed, unique, TestConsumer, WEBHOOK_PATH,
+};
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -40,7 +43,7 @@ fn rss_kib(pid: u32) -> u64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let secs = env_u64("SOAK_SECS", 600);
-    let workers = env_u64("SOAK_WORKERS", 16) as usize;
+    let workers = usize::try_from(env_u64("SOAK_WORKERS", 16)).unwrap_or(usize::MAX);
     let cut_every = env_u64("SOAK_CUT_EVERY_SECS", 20);
     let cut_for = env_u64("SOAK_CUT_FOR_MS", 2500);
 
@@ -70,13 +73,7 @@ async fn main() {
         eventually(Duration::from_secs(15), || {
             let c = client.clone();
             let u = format!("http://127.0.0.1:{admin}/readyz");
-            async move {
-                c.get(u)
-                    .send()
-                    .await
-                    .map(|r| r.status().is_success())
-                    .unwrap_or(false)
-            }
+            async move { c.get(u).send().await.is_ok_and(|r| r.status().is_success()) }
         })
         .await
     );
@@ -141,13 +138,10 @@ async fn main() {
     let mut delivered: HashMap<String, usize> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline && delivered.len() < accepted.len() {
-        match consumer.next(Duration::from_secs(5)).await {
-            Some(d) => {
-                *delivered
-                    .entry(message_ids(std::slice::from_ref(&d))[0].clone())
-                    .or_insert(0) += 1
-            }
-            None => continue,
+        if let Some(d) = consumer.next(Duration::from_secs(5)).await {
+            *delivered
+                .entry(message_ids(std::slice::from_ref(&d))[0].clone())
+                .or_insert(0) += 1;
         }
     }
     for d in consumer.drain(Duration::from_secs(2)).await {

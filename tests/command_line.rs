@@ -199,10 +199,10 @@ impl Running {
     }
 
     fn terminate(mut self) -> (Option<i32>, String, String) {
+        use std::io::Read;
         unsafe_kill(self.child.id(), "TERM");
         let status = self.child.wait().unwrap();
         let mut stdout = String::new();
-        use std::io::Read;
         self.child
             .stdout
             .take()

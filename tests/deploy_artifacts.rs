@@ -949,7 +949,8 @@ fn interpolate(text: &str) -> String {
             if let Some((_, default)) = expr.split_once(":-") {
                 out.push_str(default);
             } else if let Some((name, _)) = expr.split_once(":?") {
-                out.push_str(&format!("placeholder-{}", name.to_ascii_lowercase()));
+                out.push_str("placeholder-");
+                out.push_str(&name.to_ascii_lowercase());
             } else {
                 panic!("${{{expr}}} has no default: `docker compose` would use an empty string");
             }

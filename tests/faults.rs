@@ -376,9 +376,9 @@ async fn a_redis_cut_under_load_loses_nothing() {
     let broker = FaultProxy::start(addr(BROKER)).await;
     let mut app = app_behind(&broker, Some(&redis), Options::default()).await;
     let run = tokio::spawn(load(app.url.clone(), Duration::from_secs(3), 8));
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     redis.cut();
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     redis.restore();
     let result = run.await.unwrap();
     assert_eq!(result.accepted().len(), result.answers.len());

@@ -166,7 +166,7 @@ fn fixture(name: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-async fn stub(delay: Duration) -> Stub {
+fn stub(delay: Duration) -> Stub {
     let calls = Arc::new(AtomicUsize::new(0));
     let counted = calls.clone();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -358,7 +358,7 @@ async fn a_wrong_api_key_is_the_operators_fault_answered_502_provider_unauthoriz
 
 #[tokio::test]
 async fn undocumented_and_unauthorized_answers_from_a_stub_map_to_the_table() {
-    let stub = stub(Duration::ZERO).await;
+    let stub = stub(Duration::ZERO);
     let mut app = spawn_app_with(api_options(&stub.url)).await;
     let cases = [
         (
@@ -391,7 +391,7 @@ async fn undocumented_and_unauthorized_answers_from_a_stub_map_to_the_table() {
 
 #[tokio::test]
 async fn a_sendtalk_that_does_not_answer_in_time_gets_504_once_and_nothing_is_stored() {
-    let stub = stub(Duration::from_secs(4)).await;
+    let stub = stub(Duration::from_secs(4));
     let mut app = spawn_app_with(api_options(&stub.url)).await;
     let started = std::time::Instant::now();
     let a = create(&app, &request_body(PHONE)).await;
@@ -421,7 +421,7 @@ async fn a_sendtalk_that_does_not_answer_in_time_gets_504_once_and_nothing_is_st
 
 #[tokio::test]
 async fn local_validation_names_the_field_and_never_calls_sendtalk() {
-    let stub = stub(Duration::ZERO).await;
+    let stub = stub(Duration::ZERO);
     let app = spawn_app_with(api_options(&stub.url)).await;
     let long_url = format!("https://x.example/{}", "a".repeat(2048));
     let cases = [
@@ -505,7 +505,7 @@ async fn local_validation_names_the_field_and_never_calls_sendtalk() {
 
 #[tokio::test]
 async fn an_idempotency_key_replays_refuses_another_body_and_reports_a_running_request() {
-    let stub = stub(Duration::from_millis(800)).await;
+    let stub = stub(Duration::from_millis(800));
     let mut app = spawn_app_with(api_options(&stub.url)).await;
     let key = unique("idem");
     let body = json!({"userPhone": PHONE, "languageCode": "en", "expiryMinutes": 5}).to_string();
@@ -541,7 +541,7 @@ async fn an_idempotency_key_replays_refuses_another_body_and_reports_a_running_r
 
 #[tokio::test]
 async fn a_stored_504_is_replayed_as_504_without_calling_sendtalk_again() {
-    let stub = stub(Duration::from_secs(3)).await;
+    let stub = stub(Duration::from_secs(3));
     let app = spawn_app_with(api_options(&stub.url)).await;
     let key = unique("idem");
     let first = create_with(&app, &request_body(PHONE), &[("idempotency-key", &key)]).await;
@@ -553,9 +553,10 @@ async fn a_stored_504_is_replayed_as_504_without_calling_sendtalk_again() {
 }
 
 #[tokio::test]
+#[allow(clippy::float_cmp)] // the summed counters hold a whole number, exact in an f64
 async fn two_replicas_publish_exactly_one_expired_event_per_unverified_verification() {
     use sendtalk_relay::api::store::Record;
-    let stub = stub(Duration::ZERO).await;
+    let stub = stub(Duration::ZERO);
     let exchange = unique("test.sendtalk");
     let prefix = format!("{}:", unique("test-relay"));
     let mut consumer = TestConsumer::bind(&exchange, "verification.expired").await;
@@ -666,7 +667,7 @@ async fn a_webhook_from_another_phone_is_relayed_with_phone_match_false_and_coun
 
 #[tokio::test]
 async fn bearer_tokens_are_required_and_every_listed_token_is_accepted() {
-    let stub = stub(Duration::ZERO).await;
+    let stub = stub(Duration::ZERO);
     let app = spawn_app_with(api_options(&stub.url)).await;
     let url = format!("{}/v1/verifications", api(&app));
     let body = request_body(PHONE).into_bytes();
@@ -695,7 +696,7 @@ async fn bearer_tokens_are_required_and_every_listed_token_is_accepted() {
 
 #[tokio::test]
 async fn openapi_json_documents_every_route() {
-    let stub = stub(Duration::ZERO).await;
+    let stub = stub(Duration::ZERO);
     let app = spawn_app_with(api_options(&stub.url)).await;
     let doc: Value = app
         .client
@@ -720,7 +721,7 @@ async fn the_api_listener_is_not_bound_unless_enabled() {
 
 #[tokio::test]
 async fn with_the_memory_backend_the_api_creates_reads_and_replays_in_process() {
-    let stub = stub(Duration::ZERO).await;
+    let stub = stub(Duration::ZERO);
     let mut app = spawn_app_with(api_options(&stub.url).env("DEDUP__BACKEND", "memory")).await;
     let key = unique("idem");
     let created = create_with(&app, &request_body(PHONE), &[("idempotency-key", &key)]).await;
@@ -746,7 +747,7 @@ async fn with_the_memory_backend_the_api_creates_reads_and_replays_in_process() 
 
 #[tokio::test]
 async fn other_methods_and_paths_get_json_405_and_404() {
-    let stub = stub(Duration::ZERO).await;
+    let stub = stub(Duration::ZERO);
     let app = spawn_app_with(api_options(&stub.url)).await;
     let r = app
         .client
@@ -771,7 +772,7 @@ async fn other_methods_and_paths_get_json_405_and_404() {
 async fn an_expiry_claimed_by_a_replica_that_died_is_published_by_another_and_a_late_webhook_still_verifies(
 ) {
     use sendtalk_relay::api::store::{ExpiryClaim, Record};
-    let stub = stub(Duration::ZERO).await;
+    let stub = stub(Duration::ZERO);
     let prefix = format!("{}:", unique("test-relay"));
     let mut options = api_options(&stub.url).env("API__EXPIRY_CHECK_SECS", "1");
     options.key_prefix = Some(prefix.clone());
@@ -827,7 +828,7 @@ async fn an_expiry_claimed_by_a_replica_that_died_is_published_by_another_and_a_
 
 #[tokio::test]
 async fn with_redis_down_the_api_answers_503_and_an_idempotent_create_never_calls_sendtalk() {
-    let stub = stub(Duration::ZERO).await;
+    let stub = stub(Duration::ZERO);
     let closed = format!("redis://127.0.0.1:{}", free_port());
     let app = spawn_app_with(api_options(&stub.url).env("REDIS__URL", closed)).await;
     let keyed = create_with(&app, &request_body(PHONE), &[("idempotency-key", "k-1")]).await;

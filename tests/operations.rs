@@ -83,8 +83,7 @@ async fn shutdown_turns_readiness_503_and_lets_in_flight_webhooks_finish() {
                 c.get(u)
                     .send()
                     .await
-                    .map(|r| r.status().as_u16() == 503)
-                    .unwrap_or(false)
+                    .is_ok_and(|r| r.status().as_u16() == 503)
             }
         })
         .await,

@@ -129,7 +129,7 @@ async fn a_nacking_queue_does_not_flood_the_other_queues() {
     let app = spawn_app_with(options).await;
     let mut healthy = TestConsumer::bind_on(&node.amqp_uri(), &app.exchange, "#").await;
 
-    let conn = lapin::Connection::connect(&node.amqp_uri(), Default::default())
+    let conn = lapin::Connection::connect(&node.amqp_uri(), lapin::ConnectionProperties::default())
         .await
         .unwrap();
     let channel = conn.create_channel().await.unwrap();

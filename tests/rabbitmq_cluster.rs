@@ -103,9 +103,10 @@ async fn the_relay_moves_to_the_next_node_and_the_quorum_queue_keeps_every_event
         "the spool drains to the surviving nodes"
     );
 
-    let conn = lapin::Connection::connect(&nodes[1].amqp_uri(), Default::default())
-        .await
-        .unwrap();
+    let conn =
+        lapin::Connection::connect(&nodes[1].amqp_uri(), lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
     let channel = conn.create_channel().await.unwrap();
     let mut consumer = channel
         .basic_consume(

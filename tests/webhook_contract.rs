@@ -54,7 +54,7 @@ async fn a_signed_event_is_published_once_with_every_property_of_the_contract() 
     assert_eq!(p.app_id().as_ref().unwrap().as_str(), "sendtalk-relay");
     let ts = p.timestamp().unwrap();
     assert!(
-        (ts as i64 - now_secs()).abs() < 30,
+        (i64::try_from(ts).unwrap() - now_secs()).abs() < 30,
         "timestamp is the receive time"
     );
     assert_eq!(header(m, "x-request-id").as_deref(), Some("req-123"));

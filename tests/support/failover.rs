@@ -16,8 +16,8 @@ use super::{
 #[derive(Debug, Clone)]
 pub struct Sent {
     pub id: String,
-    pub sent: Instant,
-    pub answered: Instant,
+    pub posted_at: Instant,
+    pub answered_at: Instant,
     pub status: u16,
     pub result: String,
 }
@@ -51,8 +51,8 @@ pub async fn pair_load(urls: Vec<String>, until: Instant, workers: usize) -> Vec
                             .expect("the relay answers");
                         seen.push(Sent {
                             id: id.clone(),
-                            sent,
-                            answered: Instant::now(),
+                            posted_at: sent,
+                            answered_at: Instant::now(),
                             status: a.status,
                             result: if a.result().is_empty() {
                                 a.code().to_string()
@@ -98,8 +98,8 @@ pub async fn time_to_dedup_again(
         let answered = Instant::now();
         probes.push(Sent {
             id: id.clone(),
-            sent,
-            answered,
+            posted_at: sent,
+            answered_at: answered,
             status: first.status,
             result: first.result().to_string(),
         });
@@ -107,8 +107,8 @@ pub async fn time_to_dedup_again(
         let again = try_post_signed(&client, url, &body).await.unwrap();
         probes.push(Sent {
             id,
-            sent: again_sent,
-            answered: Instant::now(),
+            posted_at: again_sent,
+            answered_at: Instant::now(),
             status: again.status,
             result: again.result().to_string(),
         });
@@ -190,9 +190,9 @@ pub fn accepted_ids(sent: &[Sent]) -> HashSet<String> {
 pub fn ids_first_sent_after(sent: &[Sent], after: Instant) -> HashSet<String> {
     let mut first: HashMap<&str, Instant> = HashMap::new();
     for s in sent {
-        let e = first.entry(s.id.as_str()).or_insert(s.sent);
-        if s.sent < *e {
-            *e = s.sent;
+        let e = first.entry(s.id.as_str()).or_insert(s.posted_at);
+        if s.posted_at < *e {
+            *e = s.posted_at;
         }
     }
     first

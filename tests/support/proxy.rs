@@ -43,7 +43,7 @@ impl FaultProxy {
                     let Ok(server) = TcpStream::connect(target).await else {
                         return;
                     };
-                    pipe(client, server, watcher).await;
+                    Box::pin(pipe(client, server, watcher)).await;
                 });
             }
         });

@@ -112,13 +112,12 @@ impl PrivateRabbit {
     /// with the output when the command fails.
     pub fn ctl(&self, args: &[&str]) -> String {
         let (ok, out) = self.cli("rabbitmqctl", args);
-        if !ok {
-            panic!(
-                "rabbitmqctl {} on {} failed:\n{out}",
-                args.join(" "),
-                self.node
-            );
-        }
+        assert!(
+            ok,
+            "rabbitmqctl {} on {} failed:\n{out}",
+            args.join(" "),
+            self.node
+        );
         out
     }
 
@@ -140,14 +139,13 @@ impl PrivateRabbit {
             if self.memory_alarm() == on {
                 return;
             }
-            if Instant::now() > deadline {
-                panic!(
-                    "memory alarm on {} did not turn {}: alarms are {}",
-                    self.node,
-                    if on { "on" } else { "off" },
-                    self.ctl(&["eval", "rabbit_alarm:get_alarms()."])
-                );
-            }
+            assert!(
+                Instant::now() <= deadline,
+                "memory alarm on {} did not turn {}: alarms are {}",
+                self.node,
+                if on { "on" } else { "off" },
+                self.ctl(&["eval", "rabbit_alarm:get_alarms()."])
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }

@@ -196,7 +196,7 @@ impl TestTls {
     fn server_args(&self, port: u16) -> Vec<String> {
         let mut args: Vec<String> = ["--port", "0", "--tls-port"]
             .iter()
-            .map(|s| s.to_string())
+            .map(ToString::to_string)
             .collect();
         args.push(port.to_string());
         for (flag, path) in [
@@ -327,12 +327,11 @@ impl Group {
                 if up {
                     return node;
                 }
-                if Instant::now() > deadline {
-                    panic!(
-                        "private redis {name} on {port} not answering within {START_TIMEOUT:?}:\n{}",
-                        node.log_tail()
-                    );
-                }
+                assert!(
+                    Instant::now() <= deadline,
+                    "private redis {name} on {port} not answering within {START_TIMEOUT:?}:\n{}",
+                    node.log_tail()
+                );
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
@@ -397,7 +396,7 @@ impl RedisCluster {
                 if tls { "yes" } else { "no" },
             ]
             .iter()
-            .map(|s| s.to_string())
+            .map(ToString::to_string)
             .collect();
             nodes.push(group.start(&format!("node{i}"), None, &args));
         }
@@ -482,8 +481,9 @@ impl RedisCluster {
             let redis::Value::Int(port) = master[1] else {
                 continue;
             };
+            let port = u16::try_from(port).expect("CLUSTER SLOTS gives a TCP port");
             for slot in *from..=*to {
-                owners[slot as usize] = port as u16;
+                owners[usize::try_from(slot).expect("CLUSTER SLOTS gives 0-16383")] = port;
             }
         }
         owners
@@ -544,13 +544,12 @@ impl RedisCluster {
             if ok && self.slot_owners().iter().all(|p| live.contains(p)) {
                 return;
             }
-            if Instant::now() > deadline {
-                panic!(
-                    "Redis Cluster {:?} not ready within {within:?}:\n{}",
-                    self.ports(),
-                    self.live().cmd(&["CLUSTER", "NODES"])
-                );
-            }
+            assert!(
+                Instant::now() <= deadline,
+                "Redis Cluster {:?} not ready within {within:?}:\n{}",
+                self.ports(),
+                self.live().cmd(&["CLUSTER", "NODES"])
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -629,12 +628,11 @@ impl RedisSentinels {
             if synced && known {
                 break;
             }
-            if Instant::now() > deadline {
-                panic!(
-                    "sentinels not ready within {SENTINEL_READY_TIMEOUT:?}: {}",
-                    me.sentinels[0].cmd(&["SENTINEL", "MASTER", &me.service])
-                );
-            }
+            assert!(
+                Instant::now() <= deadline,
+                "sentinels not ready within {SENTINEL_READY_TIMEOUT:?}: {}",
+                me.sentinels[0].cmd(&["SENTINEL", "MASTER", &me.service])
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
         eprintln!(

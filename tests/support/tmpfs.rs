@@ -116,9 +116,8 @@ impl Drop for SmallFs {
 }
 
 fn current_uid() -> String {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|_| "?".into())
+    Command::new("id").arg("-u").output().map_or_else(
+        |_| "?".into(),
+        |o| String::from_utf8_lossy(&o.stdout).trim().to_string(),
+    )
 }
