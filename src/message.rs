@@ -73,16 +73,7 @@ impl Envelope {
 
     /// `x-received-at`: RFC 3339 with milliseconds, UTC.
     pub fn received_at_rfc3339(&self) -> String {
-        let nanos = i128::from(self.received_at_ms) * 1_000_000;
-        time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
-            .ok()
-            .and_then(|t| {
-                t.format(time::macros::format_description!(
-                    "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-                ))
-                .ok()
-            })
-            .unwrap_or_default()
+        rfc3339(self.received_at_ms)
     }
 
     /// The `type` property: `sendtalk.verification.<status>`.
@@ -106,6 +97,22 @@ mod base64_bytes {
             .map(Bytes::from)
             .map_err(serde::de::Error::custom)
     }
+}
+
+/// Milliseconds since the Unix epoch as RFC 3339 UTC with milliseconds
+/// (`2023-08-24T03:20:05.385Z`): the form of `x-received-at` and of the
+/// lifecycle API's timestamps.
+pub fn rfc3339(ms: u64) -> String {
+    let nanos = i128::from(ms) * 1_000_000;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|t| {
+            t.format(time::macros::format_description!(
+                "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+            ))
+            .ok()
+        })
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

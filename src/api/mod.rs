@@ -147,16 +147,4 @@ impl Lifecycle {
     }
 }
 
-/// RFC 3339 UTC with milliseconds, like `x-received-at`.
-pub fn rfc3339(ms: u64) -> String {
-    let nanos = i128::from(ms) * 1_000_000;
-    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
-        .ok()
-        .and_then(|t| {
-            t.format(time::macros::format_description!(
-                "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-            ))
-            .ok()
-        })
-        .unwrap_or_default()
-}
+pub use crate::message::rfc3339;
