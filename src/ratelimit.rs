@@ -12,7 +12,7 @@ use governor::{DefaultKeyedRateLimiter, Quota};
 
 use crate::config::IpNet;
 
-/// The configured limiter; `None` in [`ClientLimits::limiter`] means off.
+/// The configured limiter; `None` in `limiter` means off.
 pub struct ClientLimits {
     limiter: Option<DefaultKeyedRateLimiter<IpAddr>>,
     trusted_proxies: Vec<IpNet>,

@@ -1,7 +1,7 @@
 //! The `[api]` and `[sendtalk]` configuration sections (SPEC 7, 9): their
 //! defaults, validation into typed settings and the resolution of tokens and
 //! the API key from files. `config` only embeds the raw sections and calls
-//! [`check`], so the lifecycle API's settings live next to the code that
+//! `check`, so the lifecycle API's settings live next to the code that
 //! uses them. Tokens and the key are `SecretString` from deserialisation on.
 
 use std::net::SocketAddr;

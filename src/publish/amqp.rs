@@ -1,7 +1,7 @@
 //! The RabbitMQ publisher: a supervised connection (SPEC 4) and the mapping
 //! from a broker answer to what the caller does next.
 //!
-//! The supervisor keeps one [`Link`] open: it connects to the `amqp.uri`
+//! The supervisor keeps one `Link` open: it connects to the `amqp.uri`
 //! list in order, declares the topology, watches the connection (closed,
 //! blocked, silent) and reconnects with capped exponential backoff and
 //! jitter. It is the only writer of `amqp_connected`.

@@ -5,7 +5,7 @@
 //! `build` runs named steps in the order data flows: the sink (and its broker
 //! supervisor), the spool (and its drainer), the dedup store, the lifecycle
 //! API's clients, the webhook's shared state, then the listeners
-//! ([`servers`]). Stopping is in [`shutdown`](self::shutdown).
+//! (`servers`). Stopping is in `shutdown`.
 
 mod servers;
 mod shutdown;

@@ -2,9 +2,9 @@
 //! SPEC 2.2: body size -> authentication -> media type -> payload -> dedup
 //! claim -> publish (or spool) -> dedup commit -> answer.
 //!
-//! - [`error`]: [`RelayError`], the only type that turns a failure into an
+//! - `error`: [`RelayError`], the only type that turns a failure into an
 //!   HTTP answer.
-//! - [`request`]: what is read off the HTTP request (body, request id).
+//! - `request`: what is read off the HTTP request (body, request id).
 //! - `answer`: the per-webhook log line and the answer.
 //!
 //! The pipeline after the body runs in a `webhook` span carrying the request
