@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use support::failover::{
-    accepted_ids, answer_counts, ids_first_sent_after, pair_load, time_to_dedup_again, Delivered,
+    accepted_ids, delivered_without_loss, ids_first_sent_after, pair_load, time_to_dedup_again,
 };
 use support::redis_nodes::{key_slot, RedisCluster};
 use support::*;
@@ -222,18 +222,7 @@ async fn a_master_killed_under_load_loses_nothing_and_duplicates_only_its_own_ke
     );
 
     let accepted = accepted_ids(&sent);
-    let delivered = Delivered::collect(&mut consumer, &accepted, Duration::from_secs(30)).await;
-    let lost = delivered.lost(&accepted);
-    let dup = delivered.duplicated();
-    eprintln!(
-        "cluster failover load: {} requests, {} ids accepted, {} delivered copies without a dedup check, {} ids duplicated, answers {:?}",
-        sent.len(),
-        accepted.len(),
-        delivered.skipped(),
-        dup.len(),
-        answer_counts(&sent)
-    );
-    assert!(lost.is_empty(), "lost {lost:?}");
+    let (delivered, dup) = delivered_without_loss("cluster", &mut consumer, &sent, &accepted).await;
     for id in &dup {
         assert_eq!(
             owners[slot_of(id)],

@@ -12,8 +12,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::failover::{
-    accepted_ids, answer_counts, ids_first_sent_after, pair_load, post_settled,
-    time_to_dedup_again, Delivered,
+    accepted_ids, delivered_without_loss, ids_first_sent_after, pair_load, post_settled,
+    time_to_dedup_again,
 };
 use support::redis_nodes::RedisSentinels;
 use support::*;
@@ -101,18 +101,7 @@ async fn the_relay_follows_the_promoted_replica_and_loses_nothing() {
 
     let mut accepted = accepted_ids(&sent);
     accepted.insert(id.clone());
-    let delivered = Delivered::collect(&mut consumer, &accepted, Duration::from_secs(30)).await;
-    let lost = delivered.lost(&accepted);
-    let dup = delivered.duplicated();
-    eprintln!(
-        "sentinel failover load: {} requests, {} ids accepted, {} delivered copies without a dedup check, {} ids duplicated, answers {:?}",
-        sent.len(),
-        accepted.len(),
-        delivered.skipped(),
-        dup.len(),
-        answer_counts(&sent)
-    );
-    assert!(lost.is_empty(), "lost {lost:?}");
+    let (delivered, _) = delivered_without_loss("sentinel", &mut consumer, &sent, &accepted).await;
     assert_eq!(delivered.copies.get(&id).map(Vec::len), Some(1));
     // Once the new master deduplicates, every id is delivered exactly once.
     for id in ids_first_sent_after(&sent, recovered) {

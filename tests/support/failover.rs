@@ -119,6 +119,30 @@ pub async fn time_to_dedup_again(
     }
 }
 
+/// The failover oracle of SPEC 3: collects what reached the queue for the
+/// `accepted` ids, prints the run's figures under `label`, asserts that no
+/// accepted id was lost, and returns the deliveries and the ids seen twice.
+pub async fn delivered_without_loss(
+    label: &str,
+    consumer: &mut TestConsumer,
+    sent: &[Sent],
+    accepted: &HashSet<String>,
+) -> (Delivered, Vec<String>) {
+    let delivered = Delivered::collect(consumer, accepted, Duration::from_secs(30)).await;
+    let lost = delivered.lost(accepted);
+    let dup = delivered.duplicated();
+    eprintln!(
+        "{label} failover load: {} requests, {} ids accepted, {} delivered copies without a dedup check, {} ids duplicated, answers {:?}",
+        sent.len(),
+        accepted.len(),
+        delivered.skipped(),
+        dup.len(),
+        answer_counts(sent)
+    );
+    assert!(lost.is_empty(), "lost {lost:?}");
+    (delivered, dup)
+}
+
 /// What reached the broker: per id, the `x-dedup` header of every copy.
 #[derive(Debug, Default)]
 pub struct Delivered {
