@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::message::Envelope;
 use crate::metrics::{Metrics, Stage};
-use crate::publish::Sink;
+use crate::publish::{Delivered, Sink};
 use crate::spool::{Spool, Spooled};
 
 /// Where a durable event is now.
@@ -15,6 +15,9 @@ use crate::spool::{Spool, Spooled};
 pub enum Durable {
     /// Confirmed (and routed) by the broker.
     Published,
+    /// Confirmed, returned as unroutable and let go
+    /// (`amqp.on_unroutable = "drop"`): no queue has it.
+    Dropped,
     /// Fsynced in the spool; the drainer publishes it later.
     Queued,
 }
@@ -41,7 +44,8 @@ pub async fn make_durable(
         metrics.stage(Stage::Publish, publish_started.elapsed());
     }
     let publish_error = match published {
-        Ok(()) => return Ok(Durable::Published),
+        Ok(Delivered::Routed) => return Ok(Durable::Published),
+        Ok(Delivered::Dropped) => return Ok(Durable::Dropped),
         Err(e) => e,
     };
     let Some(spool) = spool else {

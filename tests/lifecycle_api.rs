@@ -195,6 +195,31 @@ fn stub(delay: Duration) -> Stub {
                             "error": {"code": "40300", "message": "forbidden", "field": ""},
                             "data": {}
                         })),
+                        // SendTalk's failures as it writes them: empty
+                        // objects where there is nothing (SPEC 9.1).
+                        "1005" | "1006" | "1007" => {
+                            let reason = match tail {
+                                "1005" => "invalid_recipient",
+                                "1006" => "insufficient_balance",
+                                _ => "config_disabled",
+                            };
+                            HttpResponse::Ok().json(json!({
+                                "status": 200,
+                                "error": {},
+                                "data": {"success": false, "message": {}, "reason": reason, "verification": {}}
+                            }))
+                        }
+                        // A success with a null error, an empty reason object
+                        // and a null message: the branch needs none of them.
+                        "1008" => {
+                            let mut ok = fixture("create-verification-response-ok.json");
+                            ok["error"] = Value::Null;
+                            ok["data"]["reason"] = json!({});
+                            ok["data"]["message"] = Value::Null;
+                            ok["data"]["verification"]["id"] =
+                                json!(uuid::Uuid::new_v4().to_string());
+                            HttpResponse::Ok().json(ok)
+                        }
                         _ => {
                             let mut ok = fixture("create-verification-response-ok.json");
                             ok["data"]["verification"]["id"] =
@@ -387,6 +412,39 @@ async fn undocumented_and_unauthorized_answers_from_a_stub_map_to_the_table() {
         .await
         .is_empty());
     assert!(redis_keys(&app.key_prefix).await.is_empty());
+}
+
+#[tokio::test]
+async fn failures_written_with_empty_objects_map_to_their_reasons_and_a_success_with_null_parts_is_read(
+) {
+    let stub = stub(Duration::ZERO);
+    let mut app = spawn_app_with(api_options(&stub.url)).await;
+    let cases = [
+        ("6281200001005", 422, "invalid_recipient", "userPhone"),
+        ("6281200001006", 503, "provider_insufficient_balance", ""),
+        ("6281200001007", 503, "provider_disabled", ""),
+    ];
+    for (phone, status, code, field) in cases {
+        let a = create(&app, &request_body(phone)).await;
+        assert_eq!(
+            (a.status, a.code(), a.field()),
+            (status, code, field),
+            "{phone}: {:?}",
+            a.json
+        );
+    }
+    let a = create(&app, &request_body("6281200001008")).await;
+    assert_eq!(a.status, 201, "{:?}", a.json);
+    assert_eq!(a.json["status"], "pending");
+    let pending = app
+        .consumer()
+        .collect(1, Duration::from_secs(5), Duration::from_millis(300))
+        .await;
+    assert_eq!(
+        pending.len(),
+        1,
+        "only the success publishes (its pending event)"
+    );
 }
 
 #[tokio::test]

@@ -174,3 +174,268 @@ async fn a_nacking_queue_does_not_flood_the_other_queues() {
         "the refused entry is kept"
     );
 }
+
+/// Issue 16, finding 4: with `amqp.on_unroutable = "drop"` an event no
+/// queue takes is answered 200 `dropped` (outcome `dropped`), never
+/// `published`; a routable one is still `published`, and the spool keeps
+/// nothing.
+#[tokio::test]
+async fn a_dropped_unroutable_event_is_answered_dropped_not_published() {
+    let mut options = Options::default()
+        .env("WEBHOOK__ACCEPTED_STATUSES", "verified,failed")
+        .env("AMQP__ON_UNROUTABLE", "drop");
+    options.no_consumer = true;
+    let app = spawn_app_with(options).await;
+    let mut verified_queue = TestConsumer::bind(&app.exchange, "verification.verified").await;
+
+    let unroutable = unique("drop-failed");
+    let a = app.post(&body_with_status(&unroutable, "failed")).await;
+    assert_eq!((a.status, a.result()), (200, "dropped"), "{:?}", a.json);
+    let routable = unique("drop-verified");
+    let a = app.post(&body_with_status(&routable, "verified")).await;
+    assert_eq!((a.status, a.result()), (200, "published"), "{:?}", a.json);
+
+    let got = verified_queue
+        .collect(1, Duration::from_secs(5), Duration::from_millis(300))
+        .await;
+    assert_eq!(message_ids(&got), vec![routable]);
+    let metrics = app.admin("/metrics").await.1;
+    assert_eq!(
+        metric(
+            &metrics,
+            "sendtalk_relay_webhooks_total{outcome=\"dropped\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&metrics, "sendtalk_relay_unroutable_total"),
+        Some(1.0)
+    );
+    assert_eq!(app.spool.as_ref().map(|s| s.depth()), Some(0));
+}
+
+/// Whether `exchange` exists on the shared broker (a passive declare on a
+/// channel of its own: a missing exchange closes that channel only).
+async fn exchange_exists(exchange: &str) -> bool {
+    let conn = lapin::Connection::connect(AMQP_URI, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let exists = channel
+        .exchange_declare(
+            exchange.into(),
+            lapin::ExchangeKind::Topic,
+            lapin::options::ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .is_ok();
+    let _ = conn.close(200, "done".into()).await;
+    exists
+}
+
+async fn delete_exchange(exchange: &str) {
+    let conn = lapin::Connection::connect(AMQP_URI, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .exchange_delete(
+            exchange.into(),
+            lapin::options::ExchangeDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    let _ = conn.close(200, "done".into()).await;
+}
+
+/// A consumer on a queue the relay declared (`[[amqp.queues]]`), and the
+/// queue's deletion at the end.
+struct NamedQueue {
+    conn: lapin::Connection,
+    consumer: lapin::Consumer,
+    name: String,
+}
+
+impl NamedQueue {
+    async fn consume(name: &str) -> NamedQueue {
+        let conn = lapin::Connection::connect(AMQP_URI, lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        let consumer = channel
+            .basic_consume(
+                name.into(),
+                "test".into(),
+                lapin::options::BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        NamedQueue {
+            conn,
+            consumer,
+            name: name.to_string(),
+        }
+    }
+
+    /// Message ids until `want` are all in or `within` passed.
+    async fn ids_until(&mut self, want: &[String], within: Duration) -> HashMap<String, usize> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut seen = HashMap::new();
+        while !want.iter().all(|id| seen.contains_key(id)) {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(left, self.consumer.next()).await {
+                Ok(Some(Ok(d))) => {
+                    let id = d
+                        .properties
+                        .message_id()
+                        .as_ref()
+                        .map(|s| s.as_str().to_string())
+                        .unwrap_or_default();
+                    *seen.entry(id).or_insert(0) += 1;
+                }
+                _ => break,
+            }
+        }
+        seen
+    }
+
+    async fn delete(self) {
+        let channel = self.conn.create_channel().await.unwrap();
+        let _ = channel
+            .queue_delete(
+                self.name.as_str().into(),
+                lapin::options::QueueDeleteOptions::default(),
+            )
+            .await;
+        let _ = self.conn.close(200, "done".into()).await;
+    }
+}
+
+/// Issue 16, finding 2 (SPEC 4, one recovery path): the exchange is deleted
+/// under a running relay. The channel the broker closes (404) is handled
+/// like a lost connection: events are spooled meanwhile (202, never lost),
+/// the exchange and the relay's queue binding are declared again within a
+/// few seconds, and everything answered 2xx reaches the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deleted_exchange_is_declared_again_and_nothing_answered_2xx_is_lost() {
+    let queue = unique("test.redeclare.q");
+    let file = std::env::temp_dir()
+        .join(unique("redeclare"))
+        .with_extension("toml");
+    std::fs::write(
+        &file,
+        format!("[[amqp.queues]]\nname = \"{queue}\"\nbinding_key = \"#\"\n"),
+    )
+    .unwrap();
+    let mut options = Options::default();
+    options.no_consumer = true;
+    options.config_file = Some(file.clone());
+    let mut app = spawn_app_with(options).await;
+    let mut consumer = NamedQueue::consume(&queue).await;
+
+    let mut accepted = Vec::new();
+    let first = unique("before-delete");
+    let a = app.post(&event_body(&first)).await;
+    assert_eq!((a.status, a.result()), (200, "published"), "{:?}", a.json);
+    accepted.push(first);
+
+    delete_exchange(&app.exchange).await;
+    let deleted_at = std::time::Instant::now();
+    for i in 0..20 {
+        let id = unique(&format!("after-delete-{i}"));
+        let a = app.post(&event_body(&id)).await;
+        assert!(
+            matches!(a.status, 200 | 202),
+            "{id}: {} {:?}",
+            a.status,
+            a.json
+        );
+        accepted.push(id);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || exchange_exists(&app.exchange)).await,
+        "the exchange was not declared again {:?} after its deletion",
+        deleted_at.elapsed()
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            app.metric("sendtalk_relay_amqp_connected").await == Some(1.0)
+        })
+        .await
+    );
+    let healed = unique("healed");
+    let a = app.post(&event_body(&healed)).await;
+    assert_eq!((a.status, a.result()), (200, "published"), "{:?}", a.json);
+    accepted.push(healed);
+
+    let seen = consumer.ids_until(&accepted, Duration::from_secs(30)).await;
+    let lost: Vec<_> = accepted
+        .iter()
+        .filter(|id| !seen.contains_key(*id))
+        .collect();
+    assert!(lost.is_empty(), "answered 2xx and lost: {lost:?}");
+    app.stop().await;
+    consumer.delete().await;
+    let _ = std::fs::remove_file(file);
+}
+
+/// Issue 16, finding 3: `amqp.quarantine_exchange` names an exchange that
+/// does not exist (`amqp.declare = false`, so nothing creates it). Valid and
+/// invalid bodies sent together: every valid event is still answered 200
+/// `published` (the quarantine publish never shares a channel with them),
+/// every invalid one gets its 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_missing_quarantine_exchange_never_hurts_valid_events() {
+    let options = Options::default().env("AMQP__DECLARE", "false").env(
+        "AMQP__QUARANTINE_EXCHANGE",
+        unique("test.missing-quarantine"),
+    );
+    let mut app = spawn_app_with(options).await;
+    let ids: Vec<String> = (0..60).map(|i| unique(&format!("valid-{i}"))).collect();
+    let valid = futures_util::stream::iter(ids.iter())
+        .map(|id| {
+            let app = &app;
+            async move { app.post(&event_body(id)).await }
+        })
+        .buffer_unordered(30);
+    let invalid = futures_util::stream::iter(0..60)
+        .map(|i| {
+            let app = &app;
+            async move {
+                let body = format!(r#"{{"id":"bad-{i}","userPhone":"not-a-phone","status":"verified","verifiedTime":{}}}"#, now_ms());
+                app.post(&body).await
+            }
+        })
+        .buffer_unordered(30);
+    let (valid, invalid): (Vec<Answer>, Vec<Answer>) =
+        futures_util::future::join(valid.collect(), invalid.collect()).await;
+    let not_published: Vec<_> = valid
+        .iter()
+        .filter(|a| (a.status, a.result()) != (200, "published"))
+        .map(|a| (a.status, a.json.clone()))
+        .collect();
+    assert!(
+        not_published.is_empty(),
+        "{} of 60 valid events not published at once: {not_published:?}",
+        not_published.len()
+    );
+    assert!(
+        invalid.iter().all(|a| a.status == 400),
+        "{:?}",
+        invalid.iter().map(|a| a.status).collect::<Vec<_>>()
+    );
+    let delivered = app
+        .consumer()
+        .collect(60, Duration::from_secs(10), Duration::from_millis(300))
+        .await;
+    assert_eq!(id_counts(&delivered).len(), 60);
+}

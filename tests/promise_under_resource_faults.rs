@@ -7,6 +7,7 @@ mod support;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use support::loopfs::LoopFs;
 use support::proxy::FaultProxy;
 use support::rabbit_node::PrivateRabbit;
 use support::tmpfs::SmallFs;
@@ -180,4 +181,106 @@ async fn a_full_disk_refuses_with_503_and_recovers_without_restart() {
         "{} events answered 202 were lost: {lost:?}",
         lost.len()
     );
+}
+
+/// Issue 16, finding 1 (SPEC 5, stalled disk): the spool's file system is
+/// frozen while the broker is down. The webhook waiting on the stalled
+/// append gets 503 within the append's bound and `/readyz` turns 503. Once
+/// the disk answers again the append that committed late is an ordinary
+/// entry: `spool_depth` equals what is stored, everything drains when the
+/// broker is back, and the next outage is answered 202, not "spool full".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_disk_answers_503_in_time_and_leaves_the_counts_right() {
+    let fs = LoopFs::mount(64);
+    let broker = FaultProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let mut options = Options::default().env("AMQP__URI", broker.amqp_uri());
+    options.spool_dir = Some(fs.path().join("spool"));
+    let mut app = spawn_app_with(options).await;
+    let spool = app.spool.clone().unwrap();
+    broker.cut();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            app.metric("sendtalk_relay_amqp_connected").await == Some(0.0)
+        })
+        .await
+    );
+    let first = unique("before-stall");
+    let a = app.post(&event_body(&first)).await;
+    assert_eq!((a.status, a.result()), (202, "queued"), "{:?}", a.json);
+
+    let frozen = fs.freeze();
+    let stalled = unique("stalled");
+    let started = Instant::now();
+    let a = tokio::time::timeout(Duration::from_secs(10), app.post(&event_body(&stalled))).await;
+    let waited = started.elapsed();
+    let ready = tokio::time::timeout(Duration::from_secs(2), app.admin("/readyz")).await;
+    tokio::time::sleep(Duration::from_secs(6).saturating_sub(started.elapsed())).await;
+    frozen.thaw();
+    let a = a.expect("the webhook on a stalled disk is answered");
+    assert_eq!((a.status, a.code()), (503, "unavailable"), "{:?}", a.json);
+    assert!(waited < Duration::from_secs(8), "503 took {waited:?}");
+    assert_eq!(
+        ready.map(|r| r.0).ok(),
+        Some(503),
+        "neither the broker nor the stalled spool can take an event"
+    );
+
+    // The late append lands as an ordinary entry, counted by the store.
+    let counted_right = || async {
+        let stored = spool.stored_len().unwrap_or(u64::MAX);
+        let gauge = app.metric("sendtalk_relay_spool_depth").await;
+        stored == 2 && gauge == Some(2.0) && spool.depth() == 2
+    };
+    assert!(
+        eventually(Duration::from_secs(10), counted_right).await,
+        "depth {} (gauge {:?}), stored {:?}",
+        spool.depth(),
+        app.metric("sendtalk_relay_spool_depth").await,
+        spool.stored_len()
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            app.admin("/readyz").await.0 == 200
+        })
+        .await
+    );
+
+    broker.restore();
+    let delivered = app
+        .consumer()
+        .collect(2, Duration::from_secs(30), Duration::from_millis(500))
+        .await;
+    let counts = id_counts(&delivered);
+    assert!(
+        counts.contains_key(&first) && counts.contains_key(&stalled),
+        "{counts:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            spool.depth() == 0 && app.metric("sendtalk_relay_spool_depth").await == Some(0.0)
+        })
+        .await,
+        "depth {} after the drain",
+        spool.depth()
+    );
+
+    // The next outage is an ordinary one.
+    broker.cut();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            app.metric("sendtalk_relay_amqp_connected").await == Some(0.0)
+        })
+        .await
+    );
+    let later = unique("next-outage");
+    let a = app.post(&event_body(&later)).await;
+    assert_eq!((a.status, a.result()), (202, "queued"), "{:?}", a.json);
+    assert_eq!(spool.depth(), spool.stored_len().unwrap());
+    broker.restore();
+    let delivered = app
+        .consumer()
+        .collect(1, Duration::from_secs(30), Duration::from_millis(500))
+        .await;
+    assert_eq!(message_ids(&delivered), vec![later]);
+    app.stop().await;
 }

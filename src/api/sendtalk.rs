@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use prometheus::{Histogram, IntCounterVec};
 use secrecy::{ExposeSecret as _, SecretString};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 
 /// SendTalk's create path, appended to `sendtalk.base_url`.
@@ -199,67 +199,47 @@ impl SendTalkClient {
     }
 }
 
-/// SendTalk's envelope `{status, error {code, message, field}, data}`.
-#[derive(Deserialize)]
-struct Envelope {
-    status: Option<i64>,
-    #[serde(default)]
-    error: ErrorPart,
-    #[serde(default)]
-    data: Option<Value>,
+/// A string field as SendTalk may write it: a string, or anything else
+/// (absent, `null`, `{}`) meaning "nothing here".
+fn text(value: &Value, key: &str) -> String {
+    value
+        .get(key)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
 }
 
-#[derive(Deserialize, Default)]
-struct ErrorPart {
-    #[serde(default)]
-    code: Value,
-    #[serde(default)]
-    message: String,
-    #[serde(default)]
-    field: String,
-}
-
-#[derive(Deserialize)]
-struct Data {
-    success: bool,
-    #[serde(default)]
-    reason: String,
-    #[serde(default)]
-    verification: Option<Verification>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Verification {
-    id: String,
-    wa_link: String,
-    wa_message: String,
-    #[serde(default)]
-    qr_code: String,
-}
-
-/// Maps SendTalk's envelope per SPEC 9.1; anything undocumented is
+/// Maps SendTalk's envelope `{status, error {code, message, field}, data
+/// {success, message, reason, verification}}` per SPEC 9.1. SendTalk writes
+/// empty objects where there is nothing, so each branch reads only the
+/// documented fields it needs, field by field, and whatever else is there
+/// (`null`, `{}`, a partial object) is never a reason to call the answer
+/// unreadable. Anything the table does not document is
 /// [`ProviderError::Unexpected`].
 fn read_envelope(value: &Value) -> Result<Created, ProviderError> {
-    let envelope: Envelope = serde_json::from_value(value.clone())
-        .map_err(|e| ProviderError::Unexpected(format!("undocumented envelope: {e}")))?;
+    if !value.is_object() {
+        return Err(ProviderError::Unexpected(
+            "the answer is not a JSON object".into(),
+        ));
+    }
+    let error = value.get("error").unwrap_or(&Value::Null);
     // SendTalk writes codes as strings ("40002"); accept a number too.
-    let code = match &envelope.error.code {
-        Value::String(s) => s.clone(),
-        Value::Number(n) => n.to_string(),
+    let code = match error.get("code") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
         _ => String::new(),
     };
-    match envelope.status {
+    match value.get("status").and_then(Value::as_i64) {
         Some(400) if code == CODE_VALIDATION => {
             return Err(ProviderError::Validation {
-                field: envelope.error.field,
-                message: envelope.error.message,
+                field: text(error, "field"),
+                message: text(error, "message"),
             })
         }
         Some(400) if code == CODE_HEADERS => {
-            return Err(ProviderError::Unauthorized(envelope.error.message))
+            return Err(ProviderError::Unauthorized(text(error, "message")))
         }
-        Some(401 | 403) => return Err(ProviderError::Unauthorized(envelope.error.message)),
+        Some(401 | 403) => return Err(ProviderError::Unauthorized(text(error, "message"))),
         Some(200) => {}
         other => {
             return Err(ProviderError::Unexpected(format!(
@@ -267,31 +247,39 @@ fn read_envelope(value: &Value) -> Result<Created, ProviderError> {
             )))
         }
     }
-    let data: Data = envelope
-        .data
-        .and_then(|d| serde_json::from_value(d).ok())
-        .ok_or_else(|| ProviderError::Unexpected("envelope without a readable data".into()))?;
-    if !data.success {
-        return Err(match data.reason.as_str() {
+    let data = value.get("data").unwrap_or(&Value::Null);
+    let Some(success) = data.get("success").and_then(Value::as_bool) else {
+        return Err(ProviderError::Unexpected(
+            "envelope without data.success".into(),
+        ));
+    };
+    if !success {
+        return Err(match text(data, "reason").as_str() {
             "invalid_recipient" => ProviderError::InvalidRecipient,
             "insufficient_balance" => ProviderError::InsufficientBalance,
             "config_disabled" => ProviderError::Disabled,
             other => ProviderError::Unexpected(format!("undocumented reason {other:?}")),
         });
     }
-    let v = data
-        .verification
-        .ok_or_else(|| ProviderError::Unexpected("success without a verification".into()))?;
-    if crate::payload::VerificationId::parse(&v.id).is_err() {
+    let verification = data.get("verification").unwrap_or(&Value::Null);
+    let field = |key: &str| {
+        verification
+            .get(key)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| ProviderError::Unexpected(format!("success without verification.{key}")))
+    };
+    let id = field("id")?;
+    if crate::payload::VerificationId::parse(&id).is_err() {
         return Err(ProviderError::Unexpected(
             "verification id is not 1-128 printable characters".into(),
         ));
     }
     Ok(Created {
-        id: v.id,
-        wa_link: v.wa_link,
-        wa_message: v.wa_message,
-        qr_code: v.qr_code,
+        id,
+        wa_link: field("waLink")?,
+        wa_message: field("waMessage")?,
+        qr_code: text(verification, "qrCode"),
     })
 }
 
@@ -319,6 +307,50 @@ mod tests {
         let e = read_envelope(&fixture("create-verification-response-missing-header.json"))
             .unwrap_err();
         assert!(matches!(e, ProviderError::Unauthorized(_)));
+    }
+
+    #[test]
+    fn empty_objects_where_there_is_nothing_never_make_an_answer_unreadable() {
+        // The documented error examples, with `data: {}` as SendTalk writes it,
+        // and with null and missing parts.
+        for name in [
+            "create-verification-response-missing-phone.json",
+            "create-verification-response-missing-header.json",
+        ] {
+            let documented = fixture(name);
+            for data in [serde_json::json!({}), Value::Null] {
+                let mut v = documented.clone();
+                v["data"] = data;
+                let e = read_envelope(&v).unwrap_err();
+                assert!(!matches!(e, ProviderError::Unexpected(_)), "{name}: {e}");
+            }
+        }
+        for (reason, expected) in [
+            ("invalid_recipient", "invalid_recipient"),
+            ("insufficient_balance", "insufficient_balance"),
+            ("config_disabled", "disabled"),
+        ] {
+            for verification in [
+                serde_json::json!({}),
+                Value::Null,
+                serde_json::json!({"id": ""}),
+            ] {
+                let v = serde_json::json!({
+                    "status": 200, "error": {}, "data": {
+                        "success": false, "message": {}, "reason": reason,
+                        "verification": verification
+                    }
+                });
+                assert_eq!(read_envelope(&v).unwrap_err().outcome(), expected, "{v}");
+            }
+        }
+        let mut ok = fixture("create-verification-response-ok.json");
+        ok["error"] = Value::Null;
+        ok["data"]["reason"] = serde_json::json!({});
+        ok["data"]["message"] = serde_json::json!({});
+        assert!(read_envelope(&ok).is_ok());
+        ok["error"] = serde_json::json!({"code": {}, "message": null, "field": {}});
+        assert!(read_envelope(&ok).is_ok());
     }
 
     #[test]

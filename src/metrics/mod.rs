@@ -29,6 +29,9 @@ pub enum Outcome {
     Published,
     /// Answered 202 after the event was fsynced in the spool.
     Queued,
+    /// Answered 200 `dropped`: the broker returned the event as unroutable
+    /// and `amqp.on_unroutable = "drop"` lets it go.
+    Dropped,
     /// Answered 200 without publishing: the id was already committed.
     Duplicate,
     /// Answered 409: another request holds the id's claim.
@@ -45,9 +48,10 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every outcome, so that each series exists (at zero) from start-up.
-    pub const ALL: [Outcome; 7] = [
+    pub const ALL: [Outcome; 8] = [
         Outcome::Published,
         Outcome::Queued,
+        Outcome::Dropped,
         Outcome::Duplicate,
         Outcome::InFlight,
         Outcome::RejectedAuth,
@@ -60,6 +64,7 @@ impl Outcome {
         match self {
             Outcome::Published => "published",
             Outcome::Queued => "queued",
+            Outcome::Dropped => "dropped",
             Outcome::Duplicate => "duplicate",
             Outcome::InFlight => "in_flight",
             Outcome::RejectedAuth => "rejected_auth",

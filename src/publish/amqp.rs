@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::link::{Attempt, Link, Outgoing, Settled};
 use super::properties::properties;
-use super::{topology, PublishError};
+use super::{topology, Delivered, PublishError};
 use crate::config::{AmqpSettings, BrokerUri, OnUnroutable};
 use crate::message::Envelope;
 
@@ -109,7 +109,7 @@ impl AmqpPublisher {
 
     /// Publishes an event (mandatory) and waits for the broker's confirm
     /// within `amqp.confirm_timeout_ms`.
-    pub async fn publish(&self, envelope: &Envelope) -> Result<(), PublishError> {
+    pub async fn publish(&self, envelope: &Envelope) -> Result<Delivered, PublishError> {
         let started = Instant::now();
         let result = self.publish_event(envelope).await;
         self.inner
@@ -117,7 +117,7 @@ impl AmqpPublisher {
             .publish_duration
             .observe(started.elapsed().as_secs_f64());
         match &result {
-            Ok(()) | Err(PublishError::Unroutable | PublishError::Nack) => {
+            Ok(_) | Err(PublishError::Unroutable | PublishError::Nack) => {
                 self.inner.timeouts_since_ack.store(0, Ordering::Relaxed);
                 self.inner
                     .last_ack_ms
@@ -139,7 +139,7 @@ impl AmqpPublisher {
         u64::try_from(self.inner.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    async fn publish_event(&self, envelope: &Envelope) -> Result<(), PublishError> {
+    async fn publish_event(&self, envelope: &Envelope) -> Result<Delivered, PublishError> {
         let link = self.link().ok_or(PublishError::NotConnected)?;
         let settings = &self.inner.settings;
         let routing_key = settings.routing_key.render(&envelope.status);
@@ -155,7 +155,7 @@ impl AmqpPublisher {
             .publish(message, Instant::now() + timeout, timeout)
             .await?
         {
-            Attempt::Settled(Settled::Routed) => Ok(()),
+            Attempt::Settled(Settled::Routed) => Ok(Delivered::Routed),
             Attempt::Settled(Settled::Nacked) => Err(PublishError::Nack),
             Attempt::Settled(Settled::Returned) => {
                 self.inner.metrics.unroutable.inc();
@@ -163,7 +163,7 @@ impl AmqpPublisher {
                     OnUnroutable::Spool => Err(PublishError::Unroutable),
                     OnUnroutable::Drop => {
                         tracing::warn!(message_id = %envelope.message_id, %routing_key, "unroutable event dropped (amqp.on_unroutable = \"drop\")");
-                        Ok(())
+                        Ok(Delivered::Dropped)
                     }
                 }
             }

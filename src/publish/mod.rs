@@ -30,6 +30,16 @@ pub use stdout::StdoutSink;
 
 use crate::message::Envelope;
 
+/// How a publish the broker confirmed ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// Acked and routed to at least one queue.
+    Routed,
+    /// Returned as unroutable and let go (`amqp.on_unroutable = "drop"`):
+    /// no queue has it, and nothing will publish it again (SPEC 4).
+    Dropped,
+}
+
 /// Why a publish did not end with a routed, confirmed message.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -78,11 +88,12 @@ impl std::fmt::Debug for Sink {
 }
 
 impl Sink {
-    /// Publishes one event; `Ok` only once it is confirmed and routed.
-    pub async fn publish(&self, envelope: &Envelope) -> Result<(), PublishError> {
+    /// Publishes one event; `Ok` only once it is confirmed, and routed
+    /// unless the configuration lets unroutable events go.
+    pub async fn publish(&self, envelope: &Envelope) -> Result<Delivered, PublishError> {
         match self {
             Sink::Amqp(p) => p.publish(envelope).await,
-            Sink::Stdout(s) => s.publish(envelope),
+            Sink::Stdout(s) => s.publish(envelope).map(|()| Delivered::Routed),
         }
     }
 

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Hold, Spool, SpoolError};
 use crate::message::Envelope;
-use crate::publish::{PublishError, Sink};
+use crate::publish::{Delivered, PublishError, Sink};
 
 /// Publishes outstanding at once while draining; each takes a channel of its
 /// own from the publisher's pool (512 at most, shared with live traffic).
@@ -42,10 +42,10 @@ const FLUSH_SETTLE: Duration = Duration::from_secs(1);
 
 /// What finished inside a drain pass.
 enum Done {
-    /// One entry's publish: (sequence number, envelope, stored length, result).
-    Published(u64, Envelope, u64, Result<(), PublishError>),
-    /// One removal of confirmed entries (sequence number, stored length).
-    Removed(Result<(), SpoolError>, Vec<(u64, u64)>),
+    /// One entry's publish: (sequence number, envelope, result).
+    Published(u64, Envelope, Result<Delivered, PublishError>),
+    /// One removal of confirmed entries (sequence numbers).
+    Removed(Result<(), SpoolError>, Vec<u64>),
 }
 
 type Work<'a> = Pin<Box<dyn Future<Output = Done> + Send + 'a>>;
@@ -120,7 +120,7 @@ impl Spool {
         // flight or awaiting its removal is never read twice.
         let mut cursor = 0u64;
         let mut exhausted = false;
-        let mut confirmed: Vec<(u64, u64)> = Vec::new();
+        let mut confirmed: Vec<u64> = Vec::new();
         let mut settled = 0usize;
         let mut removed = 0usize;
         let mut failure = None;
@@ -143,12 +143,12 @@ impl Spool {
                 if batch.len() < want {
                     exhausted = true;
                 }
-                for (seq, envelope, len) in batch {
+                for (seq, envelope) in batch {
                     cursor = seq + 1;
                     publishing += 1;
                     work.push(Box::pin(async move {
                         let result = sink.publish(&envelope).await;
-                        Done::Published(seq, envelope, len, result)
+                        Done::Published(seq, envelope, result)
                     }));
                 }
             }
@@ -165,10 +165,11 @@ impl Spool {
                 break;
             };
             match done {
-                Done::Published(seq, envelope, len, result) => {
+                Done::Published(seq, envelope, result) => {
                     publishing -= 1;
                     match result {
-                        Ok(()) => confirmed.push((seq, len)),
+                        // Dropped too: the configuration lets it go.
+                        Ok(_) => confirmed.push(seq),
                         Err(error @ (PublishError::Unroutable | PublishError::Nack)) => {
                             let wait = self.back_off(seq);
                             settled += 1;
@@ -176,7 +177,7 @@ impl Spool {
                         }
                         Err(PublishError::Unconfirmed(late)) => {
                             self.set_hold(seq, Hold::Pending);
-                            self.settle_when_confirmed(seq, len, late);
+                            self.settle_when_confirmed(seq, late);
                             settled += 1;
                         }
                         Err(error) => {
@@ -221,7 +222,7 @@ impl Spool {
         &self,
         from: u64,
         limit: usize,
-    ) -> Result<Vec<(u64, Envelope, u64)>, SpoolError> {
+    ) -> Result<Vec<(u64, Envelope)>, SpoolError> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.oldest_from(from, limit))
             .await

@@ -113,10 +113,10 @@ impl Spool {
     /// routed means the broker has the event, so the entry is deleted
     /// without publishing a second copy; anything else frees it for the
     /// drainer.
-    pub(super) fn settle_when_confirmed(&self, seq: u64, len: u64, late: LateConfirm) {
+    pub(super) fn settle_when_confirmed(&self, seq: u64, late: LateConfirm) {
         let spool = self.clone();
         tokio::spawn(async move {
-            if late.routed().await && spool.remove(&[(seq, len)]).await.is_ok() {
+            if late.routed().await && spool.remove(&[seq]).await.is_ok() {
                 tracing::debug!(seq, "late confirm arrived; spooled copy deleted");
                 return;
             }

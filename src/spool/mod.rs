@@ -42,6 +42,11 @@ use store::{storage, Command, EVENTS, FILE_NAME};
 /// this bound (SPEC 3).
 pub const APPEND_MAX: Duration = Duration::from_secs(5);
 
+/// A commit running this long means the disk stalls (a healthy fsync takes
+/// milliseconds): readiness turns 503 when the broker is not there either,
+/// well before the appends waiting on it reach [`APPEND_MAX`].
+const STALLED_AFTER: Duration = Duration::from_secs(2);
+
 /// Why an append or a removal failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -71,10 +76,23 @@ pub(crate) struct Shared {
     /// can drop the last handle and reopen.
     db: RwLock<Option<Arc<Database>>>,
     failing: AtomicBool,
-    /// Bytes and entries stored; kept in memory so the hot path never reads
-    /// the file to check the bound.
+    /// Bytes and entries stored: the store's own counts, written only by
+    /// the writer thread from what each commit really inserted and deleted
+    /// (and recounted from the file when it reopens), so they stay equal to
+    /// the file whatever a caller that stopped waiting does (SPEC 5).
     bytes: AtomicU64,
     depth: AtomicU64,
+    /// Bytes of appends queued for the writer and not yet committed or
+    /// refused: added by `append`, taken off by the writer once it has
+    /// dealt with the command, so concurrent appends cannot overshoot
+    /// `spool.max_bytes` and an append that outlives its caller still holds
+    /// its room until it lands.
+    reserved: AtomicU64,
+    /// When the writer's current commit started (milliseconds after
+    /// `epoch`, plus one), 0 while it is idle: a commit that runs long is a
+    /// stalled disk, which readiness reports before any append times out.
+    commit_since: AtomicU64,
+    epoch: Instant,
     depth_gauge: IntGauge,
     bytes_gauge: IntGauge,
 }
@@ -103,6 +121,38 @@ impl Shared {
         self.bytes.store(bytes, Ordering::Release);
         self.update_gauges();
         self.failing.store(false, Ordering::Release);
+    }
+
+    /// Marks the start (`true`) or the end of a commit (writer thread only).
+    fn committing(&self, busy: bool) {
+        let since = if busy {
+            u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+        } else {
+            0
+        };
+        self.commit_since.store(since, Ordering::Release);
+    }
+
+    /// True while a commit has been running for longer than [`STALLED_AFTER`].
+    fn is_stalled(&self) -> bool {
+        match self.commit_since.load(Ordering::Acquire) {
+            0 => false,
+            since => {
+                let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+                Duration::from_millis(now.saturating_sub(since - 1)) > STALLED_AFTER
+            }
+        }
+    }
+
+    /// Applies a committed group's change (writer thread only).
+    fn apply(&self, change: &store::Change) {
+        let apply = |v: &AtomicU64, add: u64, sub: u64| {
+            let now = v.load(Ordering::Acquire);
+            v.store((now + add).saturating_sub(sub), Ordering::Release);
+        };
+        apply(&self.depth, change.added, change.removed);
+        apply(&self.bytes, change.added_bytes, change.removed_bytes);
+        self.update_gauges();
     }
 
     fn update_gauges(&self) {
@@ -166,6 +216,9 @@ impl Spool {
             failing: AtomicBool::new(false),
             bytes: AtomicU64::new(bytes),
             depth: AtomicU64::new(depth),
+            reserved: AtomicU64::new(0),
+            commit_since: AtomicU64::new(0),
+            epoch: Instant::now(),
             depth_gauge: metrics.depth,
             bytes_gauge: metrics.bytes,
         });
@@ -206,10 +259,14 @@ impl Spool {
         self.inner.shared.bytes.load(Ordering::Acquire)
     }
 
-    /// True while an append would be tried: the store is not failing and
-    /// at least one typical event still fits.
+    /// True while an append can be made durable in time: the store is not
+    /// failing, its disk is not stalled, and at least one typical event
+    /// still fits. Readiness reads this (SPEC 6).
     pub fn can_take(&self) -> bool {
-        !self.inner.shared.is_failing() && self.bytes() + 1024 <= self.inner.max_bytes
+        let shared = &self.inner.shared;
+        !shared.is_failing()
+            && !shared.is_stalled()
+            && self.bytes() + shared.reserved.load(Ordering::Acquire) + 1024 <= self.inner.max_bytes
     }
 
     /// True after an I/O error, until the store has been reopened.
@@ -242,12 +299,14 @@ impl Spool {
         let bytes = serde_json::to_vec(envelope).map_err(storage)?;
         let len = bytes.len() as u64;
         let shared = &self.inner.shared;
-        // Reserve the space first so concurrent appends cannot overshoot.
-        let reserved = shared.bytes.fetch_add(len, Ordering::AcqRel) + len;
-        if reserved > self.inner.max_bytes {
-            shared.bytes.fetch_sub(len, Ordering::AcqRel);
+        // Reserve the space first so concurrent appends cannot overshoot;
+        // the writer gives it back once the command is dealt with.
+        let used =
+            shared.bytes.load(Ordering::Acquire) + shared.reserved.fetch_add(len, Ordering::AcqRel);
+        if used + len > self.inner.max_bytes {
+            shared.reserved.fetch_sub(len, Ordering::AcqRel);
             return Err(SpoolError::Full {
-                used: reserved - len,
+                used,
                 max: self.inner.max_bytes,
             });
         }
@@ -258,46 +317,47 @@ impl Spool {
         }
         let (done, wait) = oneshot::channel();
         let write = self.send(Command::Append { seq, bytes, done }, wait);
+        // Past the bound the webhook is answered 503, but the write stays
+        // queued and may still commit: it is then an ordinary entry, counted
+        // by the writer and drained (at least once, never lost).
         let result = tokio::time::timeout(APPEND_MAX, write)
             .await
             .unwrap_or_else(|_| Err(storage(format!("no fsync within {APPEND_MAX:?}"))));
         if result.is_ok() {
-            shared.depth.fetch_add(1, Ordering::AcqRel);
             if let Some(late) = late {
-                self.settle_when_confirmed(seq, len, late);
+                self.settle_when_confirmed(seq, late);
             }
             self.inner.appended.notify_one();
         } else {
-            shared.bytes.fetch_sub(len, Ordering::AcqRel);
             self.inner.errors.inc();
             self.clear_hold(seq);
         }
-        shared.update_gauges();
         result
     }
 
-    /// Deletes entries (sequence number, stored length) once fsynced.
-    async fn remove(&self, entries: &[(u64, u64)]) -> Result<(), SpoolError> {
-        if entries.is_empty() {
+    /// Deletes entries by sequence number once fsynced (the writer counts
+    /// what it really deleted).
+    async fn remove(&self, seqs: &[u64]) -> Result<(), SpoolError> {
+        if seqs.is_empty() {
             return Ok(());
         }
         let (done, wait) = oneshot::channel();
-        let seqs = entries.iter().map(|(seq, _)| *seq).collect();
-        let result = self.send(Command::Remove { seqs, done }, wait).await;
-        let shared = &self.inner.shared;
+        let result = self
+            .send(
+                Command::Remove {
+                    seqs: seqs.to_vec(),
+                    done,
+                },
+                wait,
+            )
+            .await;
         match &result {
             Ok(()) => {
-                let bytes: u64 = entries.iter().map(|(_, len)| len).sum();
-                shared.bytes.fetch_sub(bytes, Ordering::AcqRel);
-                shared
-                    .depth
-                    .fetch_sub(entries.len() as u64, Ordering::AcqRel);
                 if let Ok(mut holds) = self.inner.holds.lock() {
-                    for (seq, _) in entries {
+                    for seq in seqs {
                         holds.remove(seq);
                     }
                 }
-                shared.update_gauges();
             }
             Err(_) => self.inner.errors.inc(),
         }
@@ -306,7 +366,7 @@ impl Spool {
 
     /// The oldest entries the drainer may publish now, up to `limit`.
     #[cfg(test)]
-    fn oldest(&self, limit: usize) -> Result<Vec<(u64, Envelope, u64)>, SpoolError> {
+    fn oldest(&self, limit: usize) -> Result<Vec<(u64, Envelope)>, SpoolError> {
         self.oldest_from(0, limit)
     }
 
@@ -314,11 +374,7 @@ impl Spool {
     /// may publish now, up to `limit`. A range read: a drain pass moves
     /// forward through the table instead of walking over what it already
     /// took (and may still be publishing or deleting).
-    fn oldest_from(
-        &self,
-        from: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, Envelope, u64)>, SpoolError> {
+    fn oldest_from(&self, from: u64, limit: usize) -> Result<Vec<(u64, Envelope)>, SpoolError> {
         let now = Instant::now();
         let holds = self
             .inner
@@ -342,7 +398,7 @@ impl Spool {
             }
             let raw = v.value();
             match serde_json::from_slice::<Envelope>(raw) {
-                Ok(env) => out.push((seq, env, raw.len() as u64)),
+                Ok(env) => out.push((seq, env)),
                 Err(e) => tracing::error!(seq, error = %e, "unreadable spool entry left in place"),
             }
             if out.len() >= limit {

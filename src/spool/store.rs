@@ -14,6 +14,7 @@
 //! every write is refused at once (SPEC 5).
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -131,10 +132,25 @@ pub(super) fn writer_loop(shared: &Shared, path: &Path, mut rx: mpsc::UnboundedR
                 Err(_) => break,
             }
         }
+        shared.committing(true);
         let result = match shared.database() {
             Some(db) => commit(&db, &group),
             None => Err(SpoolError::Failing),
         };
+        shared.committing(false);
+        // Whatever became of them, the appends of this group no longer
+        // need their reserved room: committed, they are counted below.
+        let reserved: u64 = group
+            .iter()
+            .map(|c| match c {
+                Command::Append { bytes, .. } => bytes.len() as u64,
+                Command::Remove { .. } => 0,
+            })
+            .sum();
+        if let Ok(change) = &result {
+            shared.apply(change);
+        }
+        shared.reserved.fetch_sub(reserved, Ordering::AcqRel);
         if let Err(e) = &result {
             if !matches!(e, SpoolError::Failing) {
                 tracing::error!(error = %e, "spool write failed; refusing writes until the store can be reopened");
@@ -146,7 +162,7 @@ pub(super) fn writer_loop(shared: &Shared, path: &Path, mut rx: mpsc::UnboundedR
             let (done, answer) = match command {
                 Command::Append { done, .. } | Command::Remove { done, .. } => {
                     let answer = match &result {
-                        Ok(()) => Ok(()),
+                        Ok(_) => Ok(()),
                         Err(SpoolError::Failing) => Err(SpoolError::Failing),
                         Err(e) => Err(storage(e)),
                     };
@@ -158,24 +174,47 @@ pub(super) fn writer_loop(shared: &Shared, path: &Path, mut rx: mpsc::UnboundedR
     }
 }
 
-fn commit(db: &Database, group: &[Command]) -> Result<(), SpoolError> {
+/// What one committed group did to the table: the change of the counts.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Change {
+    pub(super) added: u64,
+    pub(super) added_bytes: u64,
+    pub(super) removed: u64,
+    pub(super) removed_bytes: u64,
+}
+
+/// Commits a group in one transaction and says what it really changed: an
+/// insert over an existing key or the removal of a missing one is counted
+/// for what it did to the file, not for what was asked.
+fn commit(db: &Database, group: &[Command]) -> Result<Change, SpoolError> {
+    let mut change = Change::default();
     let txn = db.begin_write().map_err(storage)?;
     {
         let mut table = txn.open_table(EVENTS).map_err(storage)?;
         for command in group {
             match command {
                 Command::Append { seq, bytes, .. } => {
-                    table.insert(*seq, bytes.as_slice()).map_err(storage)?;
+                    let old = table.insert(*seq, bytes.as_slice()).map_err(storage)?;
+                    if let Some(old) = old {
+                        change.removed += 1;
+                        change.removed_bytes += old.value().len() as u64;
+                    }
+                    change.added += 1;
+                    change.added_bytes += bytes.len() as u64;
                 }
                 Command::Remove { seqs, .. } => {
                     for seq in seqs {
-                        table.remove(*seq).map_err(storage)?;
+                        if let Some(old) = table.remove(*seq).map_err(storage)? {
+                            change.removed += 1;
+                            change.removed_bytes += old.value().len() as u64;
+                        }
                     }
                 }
             }
         }
     }
-    txn.commit().map_err(storage)
+    txn.commit().map_err(storage)?;
+    Ok(change)
 }
 
 fn try_reopen(shared: &Shared, path: &Path, last: &mut Instant) {

@@ -58,12 +58,9 @@ async fn appended_entries_survive_reopening_in_order() {
     let spool = reopen(&dir).await;
     assert_eq!(spool.depth(), 5);
     let oldest = spool.oldest(10).unwrap();
-    let ids: Vec<_> = oldest
-        .iter()
-        .map(|(_, e, _)| e.message_id.clone())
-        .collect();
+    let ids: Vec<_> = oldest.iter().map(|(_, e)| e.message_id.clone()).collect();
     assert_eq!(ids, ["e0", "e1", "e2", "e3", "e4"]);
-    spool.remove(&[(oldest[0].0, oldest[0].2)]).await.unwrap();
+    spool.remove(&[oldest[0].0]).await.unwrap();
     assert_eq!(spool.stored_len().unwrap(), 4);
     assert_eq!(spool.depth(), 4);
     std::fs::remove_dir_all(dir).unwrap();
@@ -111,7 +108,7 @@ async fn a_refused_entry_waits_longer_after_each_refusal() {
         .oldest(10)
         .unwrap()
         .into_iter()
-        .map(|(_, e, _)| e.message_id)
+        .map(|(_, e)| e.message_id)
         .collect();
     assert_eq!(ids, ["fresh"]);
     let waits: Vec<_> = (0..8).map(|_| spool.back_off(0).as_secs()).collect();

@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod failover;
+pub mod loopfs;
 pub mod proxy;
 pub mod rabbit_node;
 pub mod redis_nodes;
@@ -286,12 +287,13 @@ impl TestApp {
     }
 
     pub async fn admin(&self, path: &str) -> (u16, String) {
-        let r = self
-            .client
-            .get(format!("{}{path}", self.admin_url))
-            .send()
-            .await
-            .unwrap();
+        let url = format!("{}{path}", self.admin_url);
+        // A pooled connection the server closed while idle (keep-alive
+        // timeout) fails once with IncompleteMessage: ask again on a new one.
+        let r = match self.client.get(&url).send().await {
+            Ok(r) => r,
+            Err(_) => self.client.get(&url).send().await.unwrap(),
+        };
         (r.status().as_u16(), r.text().await.unwrap())
     }
 

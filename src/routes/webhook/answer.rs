@@ -13,6 +13,7 @@ use crate::metrics::Outcome;
 pub(super) enum Accepted {
     Published,
     Queued,
+    Dropped,
     Duplicate,
 }
 
@@ -21,6 +22,7 @@ impl Accepted {
         match self {
             Accepted::Published => Outcome::Published,
             Accepted::Queued => Outcome::Queued,
+            Accepted::Dropped => Outcome::Dropped,
             Accepted::Duplicate => Outcome::Duplicate,
         }
     }
@@ -50,6 +52,7 @@ pub(super) fn answer(
             let (status, result) = match accepted {
                 Accepted::Published => (StatusCode::OK, "published"),
                 Accepted::Queued => (StatusCode::ACCEPTED, "queued"),
+                Accepted::Dropped => (StatusCode::OK, "dropped"),
                 Accepted::Duplicate => (StatusCode::OK, "duplicate"),
             };
             tracing::info!(

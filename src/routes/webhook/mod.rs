@@ -337,6 +337,7 @@ async fn make_durable(relay: &Relay, envelope: &Envelope) -> Result<Accepted, Re
     {
         Ok(crate::durable::Durable::Published) => Ok(Accepted::Published),
         Ok(crate::durable::Durable::Queued) => Ok(Accepted::Queued),
+        Ok(crate::durable::Durable::Dropped) => Ok(Accepted::Dropped),
         Err(e) => Err(RelayError::Unavailable(e.0)),
     }
 }
