@@ -439,3 +439,35 @@ async fn a_missing_quarantine_exchange_never_hurts_valid_events() {
         .await;
     assert_eq!(id_counts(&delivered).len(), 60);
 }
+
+/// SPEC 4: with `amqp.declare = false` a missing exchange keeps
+/// `amqp_connected` at 0 and readiness's `"broker"` false (events spool,
+/// 202) until someone declares it; then the relay connects and drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_declare_off_a_missing_exchange_keeps_the_broker_unready_until_it_exists() {
+    let mut options = Options::default().env("AMQP__DECLARE", "false");
+    options.no_consumer = true;
+    let app = spawn_app_with(options).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(app.metric("sendtalk_relay_amqp_connected").await, Some(0.0));
+    let (_, ready) = app.admin("/readyz").await;
+    let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    assert_eq!(ready["broker"], false, "{ready}");
+    let id = unique("no-exchange");
+    let a = app.post(&event_body(&id)).await;
+    assert_eq!((a.status, a.result()), (202, "queued"), "{:?}", a.json);
+
+    let mut consumer = TestConsumer::bind(&app.exchange, "#").await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            app.metric("sendtalk_relay_amqp_connected").await == Some(1.0)
+        })
+        .await,
+        "connected once the exchange exists"
+    );
+    let got = consumer
+        .collect(1, Duration::from_secs(10), Duration::from_millis(300))
+        .await;
+    assert_eq!(message_ids(&got), vec![id]);
+    cleanup_names(&app.exchange, &app.key_prefix).await;
+}

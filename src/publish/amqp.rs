@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::link::{Attempt, Link, Outgoing, Settled};
+use super::link::{Attempt, Link, Outgoing, Route, Settled};
 use super::properties::properties;
 use super::{topology, Delivered, PublishError};
 use crate::config::{AmqpSettings, BrokerUri, OnUnroutable};
@@ -98,7 +98,7 @@ impl AmqpPublisher {
     /// True when a publish can be sent now: connected and not blocked.
     pub fn is_connected(&self) -> bool {
         self.link()
-            .is_some_and(|link| link.is_open() && !link.is_blocked())
+            .is_some_and(|link| link.is_open() && !link.is_blocked() && !link.is_lost())
     }
 
     /// Publishes whose confirm is still pending after their caller gave up
@@ -145,14 +145,14 @@ impl AmqpPublisher {
         let routing_key = settings.routing_key.render(&envelope.status);
         let timeout = settings.confirm_timeout;
         let message = Outgoing {
-            exchange: settings.exchange.as_str(),
-            routing_key: &routing_key,
+            exchange: settings.exchange.as_str().into(),
+            routing_key: routing_key.as_str().into(),
             mandatory: true,
-            body: &envelope.body,
+            body: envelope.body.clone(),
             properties: properties(envelope),
         };
         match link
-            .publish(message, Instant::now() + timeout, timeout)
+            .publish(message, Route::Events, Instant::now() + timeout, timeout)
             .await?
         {
             Attempt::Settled(Settled::Routed) => Ok(Delivered::Routed),
@@ -193,11 +193,11 @@ impl AmqpPublisher {
         );
         let routing_key = format!("rejected.{reason}");
         let message = Outgoing {
-            exchange: exchange.as_str(),
-            routing_key: &routing_key,
+            exchange: exchange.as_str().into(),
+            routing_key: routing_key.as_str().into(),
             // Nobody has to take a rejected body; a return would be noise.
             mandatory: false,
-            body,
+            body: body.clone(),
             properties: BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_app_id(APP_ID.into())
@@ -205,7 +205,12 @@ impl AmqpPublisher {
         };
         let timeout = self.inner.settings.confirm_timeout;
         match link
-            .publish(message, Instant::now() + timeout, timeout)
+            .publish(
+                message,
+                Route::Quarantine,
+                Instant::now() + timeout,
+                timeout,
+            )
             .await?
         {
             Attempt::Settled(Settled::Nacked) => Err(PublishError::Nack),
@@ -237,7 +242,12 @@ impl AmqpPublisher {
                     next_uri = 0;
                 }
                 Err(e) => {
-                    tracing::warn!(broker = %uri, error = %e, retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "could not connect to the broker");
+                    let retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+                    if let ConnectError::MissingExchange(exchange) = &e {
+                        tracing::error!(broker = %uri, exchange, retry_in_ms, "the exchange does not exist and amqp.declare = false: nothing can be published until it is declared");
+                    } else {
+                        tracing::warn!(broker = %uri, error = %e, retry_in_ms, "could not connect to the broker");
+                    }
                     next_uri += 1;
                     let jittered = delay.mul_f64(rand::random_range(0.5..1.0));
                     tokio::select! {
@@ -260,13 +270,23 @@ impl AmqpPublisher {
         let settings = &self.inner.settings;
         let open = async {
             let connection = Connection::connect_uri(parsed, props).await?;
-            Link::open(connection, async |channel| {
+            // Declared (or, when the relay does not own the topology, looked
+            // up) on every connection: a reconnect after the broker closed a
+            // channel heals a deleted exchange this way (SPEC 4).
+            let prepared = Link::open(connection, async |channel| {
                 if settings.declare {
-                    topology::declare(channel, settings).await?;
+                    topology::declare(channel, settings).await
+                } else {
+                    topology::check_exchange(channel, settings).await
                 }
-                Ok(())
             })
-            .await
+            .await;
+            match prepared {
+                Err(e) if !settings.declare && topology::is_not_found(&e) => Err(
+                    ConnectError::MissingExchange(settings.exchange.as_str().to_string()),
+                ),
+                other => other.map_err(ConnectError::from),
+            }
         };
         // A blackholed broker would otherwise hang the handshake indefinitely.
         let within = settings.confirm_timeout.max(MIN_CONNECT_TIMEOUT);
@@ -293,6 +313,7 @@ impl AmqpPublisher {
             tokio::select! {
                 () = tokio::time::sleep(HEALTH_POLL) => {}
                 () = self.inner.wake.notified() => {}
+                () = link.lost_changed() => {}
                 changed = blocked.changed() => {
                     // The events task ended with the connection: poll instead.
                     if changed.is_err() {
@@ -301,7 +322,9 @@ impl AmqpPublisher {
                 }
                 () = shutdown.cancelled() => return,
             }
-            if !link.is_open() {
+            // A channel the broker closed (404, 406, 403, ...) heals the way
+            // a lost connection does: reconnect, declare, resume.
+            if !link.is_open() || link.is_lost() {
                 return;
             }
             // While the broker blocks publishers (resource alarm) nothing is
@@ -366,6 +389,8 @@ impl AmqpPublisher {
 enum ConnectError {
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    #[error("exchange {0:?} does not exist")]
+    MissingExchange(String),
     #[error(transparent)]
     Broker(#[from] lapin::Error),
 }

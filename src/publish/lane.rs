@@ -22,6 +22,7 @@
 //! publishes stay in flight (SPEC 4 asks for no global lock).
 
 use std::collections::{HashSet, VecDeque};
+use std::future::Future;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,15 +30,18 @@ use std::time::Duration;
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{oneshot, watch, Notify};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::link::{Outgoing, Settled, Verdict};
+use super::link::{Health, Outgoing, Settled, Verdict};
 use super::PublishError;
 
-/// Longest the oldest confirm of a channel is waited for. Past it the channel
-/// is closed (which settles its confirms as failed): the supervisor drops a
-/// connection that stops confirming long before this.
+/// Longest the oldest confirm of a channel is waited for, counting only the
+/// time the connection is not blocked (SPEC 4: a resource alarm, however
+/// long, never gives up a publish in flight). Past it the channel is closed
+/// (which settles its confirms as failed): the supervisor drops a connection
+/// that stops confirming long before this.
 const LATE_CONFIRM_MAX: Duration = Duration::from_secs(600);
 /// The header that identifies one publish on its channel, so that a return
 /// is matched to the publish it belongs to (SPEC 4). Consumers can ignore it.
@@ -49,16 +53,25 @@ pub(super) const WAITING: u8 = 0;
 pub(super) const LATE: u8 = 1;
 const DECIDED: u8 = 2;
 
-/// A publish sent and queued: where its verdict comes, and the flag its
-/// caller sets when it stops waiting.
-pub(super) struct Sent {
-    pub verdict: oneshot::Receiver<Verdict>,
-    pub caller: Arc<AtomicU8>,
+/// What a lane shares with its connection.
+pub(super) struct LaneContext {
+    /// Publishes whose caller stopped waiting and whose confirm is pending.
+    pub late: Arc<AtomicUsize>,
+    /// Cancelled when the connection is closed on purpose.
+    pub closed: CancellationToken,
+    /// The connection's blocked state: the confirm timer stands still
+    /// while it is true.
+    pub blocked: watch::Receiver<bool>,
+    /// Told when the broker closes this channel; `None` for a lane whose
+    /// failures must not touch the connection (the quarantine's).
+    pub health: Option<Arc<Health>>,
 }
 
 /// One confirmed channel and the publishes in flight on it, oldest first.
 pub(super) struct Lane {
     pub(super) channel: Channel,
+    late: Arc<AtomicUsize>,
+    health: Option<Arc<Health>>,
     /// Held while a publish is sent and queued, so the queue's order is the
     /// channel's delivery-tag order; holds the next publish id.
     send: tokio::sync::Mutex<u64>,
@@ -88,31 +101,51 @@ enum Answer {
 
 impl Lane {
     /// Wraps a channel already in confirm mode and starts its sequencer.
-    pub(super) fn start(
-        channel: Channel,
-        late: Arc<AtomicUsize>,
-        closed: CancellationToken,
-    ) -> Arc<Self> {
+    pub(super) fn start(channel: Channel, context: LaneContext) -> Arc<Self> {
         let lane = Arc::new(Lane {
             channel,
+            late: context.late.clone(),
+            health: context.health,
             send: tokio::sync::Mutex::new(0),
             queue: Mutex::new(VecDeque::new()),
             pushed: Notify::new(),
         });
-        tokio::spawn(lane.clone().sequence(late, closed));
+        tokio::spawn(
+            lane.clone()
+                .sequence(context.late, context.closed, context.blocked),
+        );
         lane
     }
 
     /// Sends `message` with the next publish id and queues it for the
-    /// sequencer, unless `blocked()` says the broker blocks publishing by the
-    /// time the lane is free.
+    /// sequencer, whose verdict goes to `reply`, unless `blocked()` says the
+    /// broker blocks publishing by the time the lane is free. Owns what it
+    /// sends, so that a caller that stops waiting hands the rest of the send
+    /// to a task instead of dropping it half-way (lapin has registered the
+    /// delivery tag and queued the frames before the socket write ends).
     pub(super) async fn send(
-        &self,
-        message: Outgoing<'_>,
+        self: Arc<Self>,
+        message: Outgoing,
+        reply: oneshot::Sender<Verdict>,
+        caller: Arc<AtomicU8>,
         blocked: impl Fn() -> bool,
-    ) -> Result<Sent, PublishError> {
-        let (reply, verdict) = oneshot::channel();
-        let caller = Arc::new(AtomicU8::new(WAITING));
+    ) -> Result<(), PublishError> {
+        let sent = self.queue_publish(message, reply, &caller, blocked).await;
+        if sent.is_err() && caller.swap(DECIDED, Ordering::AcqRel) == LATE {
+            // Nothing reached the sequencer: its caller is told by the
+            // dropped reply, and the late count must not keep it.
+            self.late.fetch_sub(1, Ordering::AcqRel);
+        }
+        sent
+    }
+
+    async fn queue_publish(
+        &self,
+        message: Outgoing,
+        reply: oneshot::Sender<Verdict>,
+        caller: &Arc<AtomicU8>,
+        blocked: impl Fn() -> bool,
+    ) -> Result<(), PublishError> {
         {
             let mut next_id = self.send.lock().await;
             if blocked() {
@@ -123,13 +156,13 @@ impl Lane {
             let confirm = self
                 .channel
                 .basic_publish(
-                    message.exchange.into(),
-                    message.routing_key.into(),
+                    message.exchange,
+                    message.routing_key,
                     BasicPublishOptions {
                         mandatory: message.mandatory,
                         ..BasicPublishOptions::default()
                     },
-                    message.body,
+                    &message.body,
                     with_publish_id(message.properties, id),
                 )
                 .await?;
@@ -142,7 +175,15 @@ impl Lane {
             });
         }
         self.pushed.notify_one();
-        Ok(Sent { verdict, caller })
+        Ok(())
+    }
+
+    /// Tells the connection's supervisor that the broker closed this
+    /// channel (SPEC 4: every broker-side failure heals the same way).
+    fn report_lost(&self, why: &dyn std::fmt::Display) {
+        if let Some(health) = &self.health {
+            health.report_lost(why);
+        }
     }
 
     fn lock_queue(&self) -> std::sync::MutexGuard<'_, VecDeque<InFlight>> {
@@ -155,7 +196,12 @@ impl Lane {
 
     /// Decides every publish of this lane, in channel order, until the
     /// channel is gone and nothing is left to decide (see the module doc).
-    async fn sequence(self: Arc<Self>, late: Arc<AtomicUsize>, closed: CancellationToken) {
+    async fn sequence(
+        self: Arc<Self>,
+        late: Arc<AtomicUsize>,
+        closed: CancellationToken,
+        blocked: watch::Receiver<bool>,
+    ) {
         // Ids of publishes seen returned and not yet decided.
         let mut returned: HashSet<u64> = HashSet::new();
         loop {
@@ -169,7 +215,11 @@ impl Lane {
                         let _send = self.send.lock().await;
                         !self.channel.status().connected() && self.lock_queue().is_empty()
                     };
-                    if gone || closed.is_cancelled() {
+                    if closed.is_cancelled() {
+                        return;
+                    }
+                    if gone {
+                        self.report_lost(&"channel closed while idle");
                         return;
                     }
                     tokio::select! {
@@ -182,10 +232,15 @@ impl Lane {
                 }
                 Some((Some(confirm), _)) => {
                     let answer = tokio::select! {
-                        answer = tokio::time::timeout(LATE_CONFIRM_MAX, confirm) => answer.ok(),
+                        answer = within_unblocked(LATE_CONFIRM_MAX, confirm, blocked.clone()) => answer,
                         () = closed.cancelled() => None,
                     };
                     let answer = if let Some(result) = answer {
+                        if let Err(e) = &result {
+                            if !closed.is_cancelled() {
+                                self.report_lost(e);
+                            }
+                        }
                         read(result, &mut returned)
                     } else {
                         // Closing the channel rejects every confirm on it
@@ -247,6 +302,44 @@ impl Lane {
     }
 }
 
+/// Runs `future` for at most `budget` of time during which `blocked` is
+/// false: the clock stands still while the broker blocks the connection, so
+/// a resource alarm of any length never runs a publish's timer out (SPEC 4).
+/// `None` when the budget ran out first.
+pub(super) async fn within_unblocked<F: Future>(
+    budget: Duration,
+    future: F,
+    mut blocked: watch::Receiver<bool>,
+) -> Option<F::Output> {
+    tokio::pin!(future);
+    let mut left = budget;
+    loop {
+        let is_blocked = *blocked.borrow_and_update();
+        let started = Instant::now();
+        let running = async {
+            if is_blocked {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(left).await;
+        };
+        tokio::select! {
+            biased;
+            out = &mut future => return Some(out),
+            changed = blocked.changed() => {
+                if !is_blocked {
+                    left = left.saturating_sub(started.elapsed());
+                }
+                if changed.is_err() {
+                    // The connection's event reader is gone: no more blocks
+                    // to wait out, only the time left.
+                    return tokio::time::timeout(left, future).await.ok();
+                }
+            }
+            () = running => return None,
+        }
+    }
+}
+
 /// The answer of one confirm, recording the return it carries (which may
 /// belong to another publish) by its publish id.
 fn read(result: Result<Confirmation, lapin::Error>, returned: &mut HashSet<u64>) -> Answer {
@@ -295,6 +388,47 @@ fn publish_id(properties: &BasicProperties) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_confirm_timer_stands_still_while_the_connection_is_blocked() {
+        let (tx, rx) = watch::channel(false);
+        let never = std::future::pending::<()>();
+        let started = Instant::now();
+        let timer = tokio::spawn(within_unblocked(Duration::from_secs(600), never, rx));
+        // 100 s unblocked, then an alarm of an hour, then the rest.
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        tx.send_replace(true);
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(!timer.is_finished(), "the timer ran out during the block");
+        tx.send_replace(false);
+        assert_eq!(timer.await.unwrap(), None);
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(4200) && took < Duration::from_secs(4201),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_future_that_finishes_during_a_block_is_returned() {
+        let (tx, rx) = watch::channel(true);
+        let done = async {
+            tokio::time::sleep(Duration::from_secs(5000)).await;
+            7
+        };
+        assert_eq!(
+            within_unblocked(Duration::from_secs(10), done, rx).await,
+            Some(7)
+        );
+        drop(tx);
+        let (tx, rx) = watch::channel(false);
+        drop(tx);
+        let never = std::future::pending::<()>();
+        assert_eq!(
+            within_unblocked(Duration::from_secs(1), never, rx).await,
+            None
+        );
+    }
 
     #[test]
     fn the_publish_id_survives_the_round_trip_through_properties() {

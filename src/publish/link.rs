@@ -7,25 +7,35 @@
 //! `x-publish-id`, and each channel's sequencer (`lane`) matches returns by
 //! it and decides in delivery-tag order (SPEC 4).
 //!
-//! A publish whose confirm has not come by its caller's deadline (or that was
-//! in flight when the broker blocked the connection) is not abandoned: the
-//! sequencer still decides it when the broker answers, and the caller holds a
-//! [`LateConfirm`] that tells it, later, whether the message was routed.
-//! Nothing is left in lapin's dropped-confirm list.
+//! A publish is decided once, by the broker (SPEC 4). One whose confirm has
+//! not come by its caller's deadline (or that was in flight when the broker
+//! blocked the connection) is not abandoned: a send still under way goes on
+//! in a task of its own, the sequencer still decides it when the broker
+//! answers, and the caller holds a [`LateConfirm`] that tells it, later,
+//! whether the message was routed. Nothing is left in lapin's
+//! dropped-confirm list.
+//!
+//! A channel the broker closes (a deleted exchange: 404; 406, 403, ...) is
+//! reported to the supervisor through [`Health`] instead of being reopened
+//! here, so that it heals the way a lost connection does: reconnect and
+//! declare the topology again. The quarantine has a lane of its own whose
+//! failures touch nothing else.
 
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::StreamExt as _;
 use lapin::options::ConfirmSelectOptions;
+use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Connection, Event};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::lane::{Lane, Sent, LATE, WAITING};
+use super::lane::{Lane, LaneContext, LATE, WAITING};
 use super::PublishError;
 
 /// Channels publishing at once on one connection. Each one carries many
@@ -33,13 +43,40 @@ use super::PublishError;
 /// over several of its processes and keeps one slow frame write from holding
 /// up every publish.
 const LANES: usize = 4;
-/// A message to publish.
-pub(super) struct Outgoing<'a> {
-    pub exchange: &'a str,
-    pub routing_key: &'a str,
+/// A message to publish; owned, so that its send can outlive its caller.
+pub(super) struct Outgoing {
+    pub exchange: ShortString,
+    pub routing_key: ShortString,
     pub mandatory: bool,
-    pub body: &'a [u8],
+    pub body: Bytes,
     pub properties: BasicProperties,
+}
+
+/// Which lanes a publish takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Route {
+    /// The events' lanes.
+    Events,
+    /// The quarantine's lane: a missing quarantine exchange closes only it.
+    Quarantine,
+}
+
+/// Whether the broker has closed one of the events' channels; read by the
+/// supervisor, which then reconnects.
+#[derive(Default)]
+pub(super) struct Health {
+    lost: AtomicBool,
+    changed: Notify,
+}
+
+impl Health {
+    /// Records the first channel loss and wakes the supervisor.
+    pub(super) fn report_lost(&self, why: &dyn std::fmt::Display) {
+        if !self.lost.swap(true, Ordering::AcqRel) {
+            tracing::warn!(error = %why, "the broker closed a publishing channel; reconnecting");
+            self.changed.notify_one();
+        }
+    }
 }
 
 /// What the broker answered for one publish.
@@ -84,9 +121,14 @@ impl std::fmt::Debug for LateConfirm {
 /// One open connection with its lanes.
 pub(super) struct Link {
     connection: Connection,
-    /// Each lane's current channel; replaced when its channel dies. The
-    /// async lock serialises reopening, never a publish.
-    lanes: Vec<tokio::sync::Mutex<Option<Arc<Lane>>>>,
+    /// Each lane's channel, opened with the connection. A lane whose
+    /// channel dies is not reopened: the whole link is replaced.
+    lanes: Vec<Arc<Lane>>,
+    /// The quarantine's lane, opened on first use and again after the
+    /// broker closed it; the async lock serialises reopening.
+    quarantine: tokio::sync::Mutex<Option<Arc<Lane>>>,
+    /// Channel losses, for the supervisor.
+    health: Arc<Health>,
     /// Round-robin cursor over `lanes`.
     next_lane: AtomicUsize,
     /// Whether the broker has blocked this connection (resource alarm);
@@ -124,50 +166,79 @@ impl Link {
                 }
             }
         });
-        let link = Arc::new(Self {
+        let late = Arc::new(AtomicUsize::new(0));
+        let closed = CancellationToken::new();
+        let health = Arc::new(Health::default());
+        let context = |health: Option<&Arc<Health>>| LaneContext {
+            late: late.clone(),
+            closed: closed.clone(),
+            blocked: blocked.clone(),
+            health: health.cloned(),
+        };
+        let mut lanes = Vec::with_capacity(LANES);
+        let first = open_lane(&connection, context(Some(&health))).await?;
+        prepare(&first.channel).await?;
+        lanes.push(first);
+        while lanes.len() < LANES {
+            lanes.push(open_lane(&connection, context(Some(&health))).await?);
+        }
+        Ok(Arc::new(Self {
             connection,
-            lanes: (0..LANES).map(|_| tokio::sync::Mutex::new(None)).collect(),
+            lanes,
+            quarantine: tokio::sync::Mutex::new(None),
+            health,
             next_lane: AtomicUsize::new(0),
             blocked,
-            late: Arc::new(AtomicUsize::new(0)),
+            late,
             events,
-            closed: CancellationToken::new(),
-        });
-        let first = link.open_lane().await?;
-        prepare(&first.channel).await?;
-        *link.lanes[0].lock().await = Some(first);
-        for slot in &link.lanes[1..] {
-            *slot.lock().await = Some(link.open_lane().await?);
-        }
-        Ok(link)
+            closed,
+        }))
     }
 
-    async fn open_lane(&self) -> Result<Arc<Lane>, lapin::Error> {
-        let channel = self.connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        Ok(Lane::start(channel, self.late.clone(), self.closed.clone()))
-    }
-
-    /// The next lane in turn, with a live channel.
-    async fn lane(&self) -> Result<Arc<Lane>, PublishError> {
-        let turn = self.next_lane.fetch_add(1, Ordering::Relaxed) % LANES;
-        let mut slot = self.lanes[turn].lock().await;
-        if let Some(lane) = slot.as_ref().filter(|l| l.channel.status().connected()) {
-            return Ok(lane.clone());
-        }
+    /// The lane for the next publish of `route`, with a live channel.
+    async fn lane(&self, route: Route) -> Result<Arc<Lane>, PublishError> {
         if !self.is_open() {
             return Err(PublishError::NotConnected);
         }
-        let lane = self.open_lane().await?;
-        *slot = Some(lane.clone());
-        Ok(lane)
+        if route == Route::Quarantine {
+            let mut slot = self.quarantine.lock().await;
+            if let Some(lane) = slot.as_ref().filter(|l| l.channel.status().connected()) {
+                return Ok(lane.clone());
+            }
+            let context = LaneContext {
+                late: self.late.clone(),
+                closed: self.closed.clone(),
+                blocked: self.blocked.clone(),
+                health: None,
+            };
+            let lane = open_lane(&self.connection, context).await?;
+            *slot = Some(lane.clone());
+            return Ok(lane);
+        }
+        let turn = self.next_lane.fetch_add(1, Ordering::Relaxed) % LANES;
+        let lane = &self.lanes[turn];
+        if lane.channel.status().connected() {
+            Ok(lane.clone())
+        } else {
+            self.health.report_lost(&"publishing channel closed");
+            Err(PublishError::NotConnected)
+        }
     }
 
     /// True while the connection is open (blocked or not).
     pub fn is_open(&self) -> bool {
         self.connection.status().connected()
+    }
+
+    /// True once the broker closed one of the events' channels: the link
+    /// must be replaced (reconnect, declare the topology again).
+    pub fn is_lost(&self) -> bool {
+        self.health.lost.load(Ordering::Acquire)
+    }
+
+    /// Resolves when [`Self::is_lost`] may have changed.
+    pub async fn lost_changed(&self) {
+        self.health.changed.notified().await;
     }
 
     /// True while the broker blocks publishing on this connection.
@@ -185,34 +256,44 @@ impl Link {
         self.late.load(Ordering::Acquire)
     }
 
-    /// Publishes `message` and waits for its verdict until `deadline`, or
-    /// until the broker blocks the connection.
+    /// Publishes `message` on a lane of `route` and waits for its verdict
+    /// until `deadline`, or until the broker blocks the connection. Past
+    /// either the caller stops waiting but the publish is not given up: a
+    /// send under way finishes in a task, and the verdict comes to the
+    /// returned [`LateConfirm`].
     pub async fn publish(
         self: &Arc<Self>,
-        message: Outgoing<'_>,
+        message: Outgoing,
+        route: Route,
         deadline: Instant,
         timeout: Duration,
     ) -> Result<Attempt, PublishError> {
         if self.is_blocked() {
             return Err(PublishError::Blocked);
         }
-        let lane = tokio::time::timeout_at(deadline, self.lane())
+        // Nothing is published yet while waiting for a lane: dropping this
+        // wait loses nothing.
+        let lane = tokio::time::timeout_at(deadline, self.lane(route))
             .await
             .map_err(|_| PublishError::Timeout(timeout))??;
+        let (reply, mut verdict) = oneshot::channel();
+        let caller = Arc::new(AtomicU8::new(WAITING));
+        let link = self.clone();
         // Waiting for the lane may have taken long enough for an alarm.
-        let sent = tokio::time::timeout_at(deadline, lane.send(message, || self.is_blocked()))
-            .await
-            .map_err(|_| PublishError::Timeout(timeout))??;
-        let Sent {
-            mut verdict,
-            caller,
-        } = sent;
-        let mut blocked = self.blocked.clone();
-        let became_blocked = async move {
-            if blocked.wait_for(|b| *b).await.is_err() {
-                std::future::pending::<()>().await;
+        let mut send =
+            Box::pin(lane.send(message, reply, caller.clone(), move || link.is_blocked()));
+        tokio::select! {
+            biased;
+            sent = &mut send => sent?,
+            () = tokio::time::sleep_until(deadline) => {
+                tokio::spawn(send);
+                return Ok(Attempt::Unconfirmed(self.late(verdict, &caller)));
             }
-        };
+            () = became_blocked(self.blocked.clone()) => {
+                tokio::spawn(send);
+                return Ok(Attempt::Unconfirmed(self.late(verdict, &caller)));
+            }
+        }
         tokio::select! {
             biased;
             answer = &mut verdict => match answer {
@@ -221,7 +302,7 @@ impl Link {
                 Err(_) => Err(PublishError::NotConnected),
             },
             () = tokio::time::sleep_until(deadline) => Ok(Attempt::Unconfirmed(self.late(verdict, &caller))),
-            () = became_blocked => Ok(Attempt::Unconfirmed(self.late(verdict, &caller))),
+            () = became_blocked(self.blocked.clone()) => Ok(Attempt::Unconfirmed(self.late(verdict, &caller))),
         }
     }
 
@@ -241,9 +322,9 @@ impl Link {
         self.closed.cancel();
         self.events.abort();
         let close = async {
-            for slot in &self.lanes {
-                let lane = slot.lock().await.take();
-                if let Some(lane) = lane.filter(|l| l.channel.status().connected()) {
+            let quarantine = self.quarantine.lock().await.take();
+            for lane in self.lanes.iter().chain(quarantine.as_ref()) {
+                if lane.channel.status().connected() {
                     let _ = lane.channel.close(200, "shutdown".into()).await;
                 }
             }
@@ -252,5 +333,24 @@ impl Link {
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
+    }
+}
+
+async fn open_lane(
+    connection: &Connection,
+    context: LaneContext,
+) -> Result<Arc<Lane>, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(Lane::start(channel, context))
+}
+
+/// Resolves once the broker blocks the connection (never, once the
+/// connection's event reader is gone).
+async fn became_blocked(mut blocked: watch::Receiver<bool>) {
+    if blocked.wait_for(|b| *b).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }

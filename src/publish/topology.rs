@@ -39,6 +39,30 @@ pub async fn declare(channel: &Channel, settings: &AmqpSettings) -> Result<(), l
     Ok(())
 }
 
+/// With `amqp.declare = false`: fails (404, closing `channel`) when the
+/// exchange does not exist.
+pub async fn check_exchange(
+    channel: &Channel,
+    settings: &AmqpSettings,
+) -> Result<(), lapin::Error> {
+    channel
+        .exchange_declare(
+            settings.exchange.as_str().into(),
+            settings.exchange_type.kind(),
+            ExchangeDeclareOptions {
+                passive: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// True for the broker's 404 NOT_FOUND.
+pub fn is_not_found(error: &lapin::Error) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 404)
+}
+
 async fn declare_queue(
     channel: &Channel,
     exchange: &ExchangeName,
