@@ -113,10 +113,14 @@ fn serve(settings: Settings) -> ExitCode {
         );
     }
     let result = runtime().map_err(anyhow::Error::from).and_then(|rt| {
-        rt.block_on(async {
+        let result = rt.block_on(async {
             let app = Application::build(settings).await?;
             app.run_until_stopped(shutdown::on_signal()).await
-        })
+        });
+        // A blocking task stuck on a stalled disk (a spool read) must not
+        // hold the exit: dropping the runtime would wait for it.
+        rt.shutdown_timeout(std::time::Duration::from_secs(1));
+        result
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -401,6 +401,44 @@ fn a_lease_shorter_than_the_worst_case_pipeline_exits_64() {
     assert_eq!(check("17", "5000").status.code(), Some(0));
     assert_eq!(check("12", "500").status.code(), Some(0));
     assert_eq!(check("11", "500").status.code(), Some(64));
+
+    // Issue 16, finding 10: with the lifecycle API the webhook also reads
+    // the verification's phone (x-phone-match) while it holds the lease,
+    // one more Redis call of at most 3 s.
+    let with_api = |lease: &str| {
+        relay()
+            .arg("check-config")
+            .env("SENDTALK_RELAY__DEDUP__LEASE_SECS", lease)
+            .env("SENDTALK_RELAY__AMQP__CONFIRM_TIMEOUT_MS", "5000")
+            .env("SENDTALK_RELAY__API__ENABLED", "true")
+            .env(
+                "SENDTALK_RELAY__API__LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            )
+            .env("SENDTALK_RELAY__API__TOKENS", "a-test-token-of-some-length")
+            .env("SENDTALK_RELAY__SENDTALK__API_KEY", "key")
+            .output()
+            .unwrap()
+    };
+    let out = with_api("19");
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("dedup.lease_secs") && err.contains("phone match"),
+        "{err}"
+    );
+    let out = with_api("20");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A certificate or key that does not parse is a configuration error:

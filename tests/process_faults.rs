@@ -260,3 +260,109 @@ async fn sigterm_past_the_grace_deadline_still_commits_the_in_flight_webhook() {
     cleanup_names(&exchange, &prefix).await;
     let _ = std::fs::remove_dir_all(spool);
 }
+
+/// Issue 16, finding 9 (SPEC 6): SIGTERM while the drainer waits on a
+/// stalled disk (the spool's file system frozen in the middle of a drain).
+/// The shutdown gives up on the spool within the grace period plus a few
+/// seconds and says so, and the process exits 1 (once the kernel lets its
+/// writer thread go); nothing answered 202 is lost: a restart on the same
+/// spool delivers every id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_a_stalled_disk_gives_up_on_the_spool_in_time_and_exits_1() {
+    let fs = support::loopfs::LoopFs::mount(64);
+    let spool = fs.path().join("spool");
+    let broker = FaultProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let exchange = unique("test.stall-term");
+    let prefix = format!("{}:", unique("test-stall-term"));
+    let mut consumer = TestConsumer::bind(&exchange, "#").await;
+    broker.cut();
+    let log = std::env::temp_dir()
+        .join(unique("stall-term"))
+        .with_extension("log");
+    let mut cmd = relay_command();
+    cmd.envs(base_env(&exchange, &prefix, &spool));
+    let (port, admin) = listen_on_free_ports(&mut cmd);
+    let mut child = cmd
+        .env("SENDTALK_RELAY__SHUTDOWN__GRACE_SECS", "2")
+        .env("SENDTALK_RELAY__AMQP__URI", broker.amqp_uri())
+        .env("SENDTALK_RELAY__LOG__FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let relay = Relay {
+        child: Command::new("true").spawn().unwrap(),
+        url: format!("http://127.0.0.1:{port}{WEBHOOK_PATH}"),
+        admin: format!("http://127.0.0.1:{admin}"),
+    };
+    relay.wait_listening().await;
+    let client = reqwest::Client::new();
+    let ids: Vec<String> = (0..300).map(|i| unique(&format!("st-{i}"))).collect();
+    for id in &ids {
+        let a = try_post_signed(&client, &relay.url, &event_body(id))
+            .await
+            .unwrap();
+        assert_eq!(a.status, 202, "{:?}", a.json);
+    }
+
+    let frozen = fs.freeze();
+    broker.restore();
+    // The drainer publishes from the page cache; its removal then waits on
+    // the frozen disk.
+    let first = consumer.next(Duration::from_secs(15)).await;
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let signalled = Instant::now();
+    let gave_up = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("giving up on the spool") {
+            break Some(signalled.elapsed());
+        }
+        if signalled.elapsed() > Duration::from_secs(15) {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    frozen.thaw();
+    let exited = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if signalled.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(first.is_some(), "the drain had started");
+    let gave_up = gave_up.expect("the shutdown said it gave up on the stalled spool");
+    assert!(
+        gave_up < Duration::from_secs(2 + 3 + 3),
+        "gave up after {gave_up:?}"
+    );
+    assert_eq!(exited.and_then(|s| s.code()), Some(1), "exit status");
+
+    // Nothing answered 202 is lost.
+    let second = Relay::start(AMQP_URI, &exchange, &prefix, &spool);
+    second.wait_listening().await;
+    let mut seen: HashSet<String> = first
+        .iter()
+        .filter_map(|d| d.properties.message_id().as_ref().map(|m| m.to_string()))
+        .collect();
+    let rest = consumer
+        .collect(
+            ids.len(),
+            Duration::from_secs(30),
+            Duration::from_millis(500),
+        )
+        .await;
+    seen.extend(message_ids(&rest));
+    let lost: Vec<_> = ids.iter().filter(|id| !seen.contains(*id)).collect();
+    assert!(lost.is_empty(), "{} answered 202 and lost", lost.len());
+    drop(second);
+    drop(relay);
+    cleanup_names(&exchange, &prefix).await;
+    let _ = std::fs::remove_file(log);
+}

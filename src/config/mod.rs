@@ -205,19 +205,25 @@ impl std::fmt::Debug for Settings {
 }
 
 /// The longest one webhook can hold its lease, with the time bounds the
-/// relay enforces: claim + publish and confirm + spool write + commit.
-fn worst_case_pipeline(confirm_timeout: Duration) -> Duration {
+/// relay enforces: claim + (with the lifecycle API) the `x-phone-match`
+/// look-up + publish and confirm + spool write + commit.
+fn worst_case_pipeline(confirm_timeout: Duration, api_enabled: bool) -> Duration {
+    let phone_match = if api_enabled {
+        crate::dedup::REDIS_OP_MAX
+    } else {
+        Duration::ZERO
+    };
     crate::dedup::REDIS_OP_MAX
+        + phone_match
         + confirm_timeout
         + crate::spool::APPEND_MAX
         + crate::dedup::REDIS_OP_MAX
 }
 
 impl Settings {
-    /// The longest one webhook can hold its lease, with the time bounds the
-    /// relay enforces: claim + publish and confirm + spool write + commit.
+    /// See [`worst_case_pipeline`].
     pub fn worst_case_pipeline(&self) -> Duration {
-        worst_case_pipeline(self.amqp.confirm_timeout)
+        worst_case_pipeline(self.amqp.confirm_timeout, self.api.enabled)
     }
 
     /// Loads the layers: built-in defaults < `file` (if any) < `env`.
@@ -254,15 +260,25 @@ impl Settings {
         let webhook = raw.webhook.validate(raw.dedup.ttl_secs)?;
         let dedup = raw.dedup.validate(raw.redis)?;
         let amqp = raw.amqp.validate()?;
-        let worst = worst_case_pipeline(amqp.confirm_timeout);
+        raw.spool.validate()?;
+        let log = raw.log.validate()?;
+        let (auth, using_dev_secret) = raw.auth.resolve(embedded)?;
+        let taken = [http.listen, raw.admin.listen];
+        let (api, sendtalk) = crate::api::settings::check(raw.api, raw.sendtalk, &taken)?;
+        let worst = worst_case_pipeline(amqp.confirm_timeout, api.enabled);
         if dedup.lease <= worst {
             return Err(ConfigError::new(
                 "dedup.lease_secs",
                 format!(
-                    "{} s does not outlive the worst case of one webhook ({} ms: claim {} ms + confirm {} ms + spool write {} ms + commit {} ms); raise it above {} s or lower amqp.confirm_timeout_ms",
+                    "{} s does not outlive the worst case of one webhook ({} ms: claim {} ms{} + confirm {} ms + spool write {} ms + commit {} ms); raise it above {} s or lower amqp.confirm_timeout_ms",
                     dedup.lease.as_secs(),
                     worst.as_millis(),
                     crate::dedup::REDIS_OP_MAX.as_millis(),
+                    if api.enabled {
+                        format!(" + phone match {} ms", crate::dedup::REDIS_OP_MAX.as_millis())
+                    } else {
+                        String::new()
+                    },
                     amqp.confirm_timeout.as_millis(),
                     crate::spool::APPEND_MAX.as_millis(),
                     crate::dedup::REDIS_OP_MAX.as_millis(),
@@ -270,11 +286,6 @@ impl Settings {
                 ),
             ));
         }
-        raw.spool.validate()?;
-        let log = raw.log.validate()?;
-        let (auth, using_dev_secret) = raw.auth.resolve(embedded)?;
-        let taken = [http.listen, raw.admin.listen];
-        let (api, sendtalk) = crate::api::settings::check(raw.api, raw.sendtalk, &taken)?;
         Ok(Settings {
             sink: raw.sink,
             http,

@@ -16,6 +16,15 @@ const SHUTDOWN_FLUSH_MAX: Duration = Duration::from_secs(5);
 /// Longest the background tasks (broker supervisor, Redis pinger) get to
 /// stop after the listener has drained; closing the AMQP channel is quick.
 const BACKGROUND_STOP_MAX: Duration = Duration::from_secs(3);
+/// How long past the grace period the spool may take to stop (the drainer's
+/// last removal, the final flush) before the shutdown gives up on it: a
+/// stalled disk must not turn a SIGTERM into a SIGKILL (SPEC 6).
+const SPOOL_STOP_SLACK: Duration = Duration::from_secs(3);
+
+/// The spool did not stop within the grace period and its slack.
+#[derive(Debug, thiserror::Error)]
+#[error("the spool did not finish within the grace period ({0:?} past it); every event answered 202 was fsynced before its answer and drains at the next start")]
+pub struct SpoolStalled(Duration);
 
 impl Application {
     /// Serves until `shutdown` is cancelled, then drains in order: readiness
@@ -60,17 +69,36 @@ impl Application {
             );
         }
         // Stop the drainer first, then give the spool one last bounded
-        // chance to reach the broker while the channel is still open.
+        // chance to reach the broker while the channel is still open. Both
+        // wait on the disk, so both are bounded by the grace period plus a
+        // slack: a stalled disk ends the shutdown with exit 1, not a hang.
+        let spool_deadline =
+            tokio::time::Instant::from_std(started + self.grace + SPOOL_STOP_SLACK);
+        let mut stalled = None;
         if let Some(drainer) = self.drainer {
             self.drain_stop.cancel();
-            let _ = drainer.await;
+            if tokio::time::timeout_at(spool_deadline, drainer)
+                .await
+                .is_err()
+            {
+                stalled = Some(SpoolStalled(SPOOL_STOP_SLACK));
+            }
         }
-        if let Some(spool) = &self.spool {
+        if let (Some(spool), None) = (&self.spool, &stalled) {
             let left = self
                 .grace
                 .saturating_sub(started.elapsed())
                 .min(SHUTDOWN_FLUSH_MAX);
-            spool.flush(&self.sink, left).await;
+            let flush = spool.flush(&self.sink, left);
+            if tokio::time::timeout_at(spool_deadline, flush)
+                .await
+                .is_err()
+            {
+                stalled = Some(SpoolStalled(SPOOL_STOP_SLACK));
+            }
+        }
+        if let Some(stalled) = &stalled {
+            tracing::error!(error = %stalled, "shutdown: giving up on the spool; exiting 1");
         }
         self.background.token.cancel();
         // One bound for all of them together: a hung task must not stretch
@@ -93,6 +121,9 @@ impl Application {
         self.admin_server.stop(true).await;
         for server in self.servers {
             let _ = server.await;
+        }
+        if let Some(stalled) = stalled {
+            return Err(stalled.into());
         }
         tracing::info!("stopped");
         Ok(())
