@@ -94,6 +94,30 @@ pub fn default_url(settings: &Settings) -> String {
     format!("http://{addr}{}", settings.http.webhook_path)
 }
 
+/// `GET /healthz` on the admin listener of `settings`, with an unspecified
+/// address replaced by loopback (SPEC 8).
+pub fn healthz_url(settings: &Settings) -> String {
+    let mut addr = settings.admin.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    format!("http://{addr}/healthz")
+}
+
+/// Longest `healthcheck` waits for the answer.
+const HEALTHCHECK_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `Ok` when `url` answers 200 within two seconds.
+pub async fn healthcheck(url: &str) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .timeout(HEALTHCHECK_WITHIN)
+        .build()
+        .context("Failed to build the HTTP client")?;
+    let status = client.get(url).send().await.context("no answer")?.status();
+    anyhow::ensure!(status == reqwest::StatusCode::OK, "answered {status}");
+    Ok(())
+}
+
 /// Posts a signed body; returns the status code and the response body.
 pub async fn post_signed(
     url: &str,

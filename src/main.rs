@@ -64,6 +64,9 @@ enum Command {
         #[arg(long)]
         id: Option<String>,
     },
+    /// GET /healthz on the configured admin listener; exit 0 on 200, 1
+    /// otherwise, within 2 s (what a container's health check runs).
+    Healthcheck,
 }
 
 fn main() -> ExitCode {
@@ -87,6 +90,21 @@ fn main() -> ExitCode {
             secret,
         } => sign(&settings, mode, header, secret),
         Command::SendTest { url, secret, id } => send_test(&settings, url, secret, id),
+        Command::Healthcheck => healthcheck(&settings),
+    }
+}
+
+fn healthcheck(settings: &Settings) -> ExitCode {
+    let url = cli::healthz_url(settings);
+    let checked = runtime()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(cli::healthcheck(&url)));
+    match checked {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sendtalk-relay healthcheck: {url}: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -110,6 +128,13 @@ fn serve(settings: Settings) -> ExitCode {
             dev_secret = settings.using_dev_secret,
             "no configuration file: embedded defaults apply to every key the environment does not set{}",
             if settings.using_dev_secret { "; accepting the public development secret" } else { "" }
+        );
+    }
+    for ignored in &settings.ignored_keys {
+        tracing::warn!(
+            choice = ignored.because,
+            ignored = ignored.keys.join(", "),
+            "an explicit demo choice is honoured; the keys of the real backend are ignored"
         );
     }
     let result = runtime().map_err(anyhow::Error::from).and_then(|rt| {

@@ -368,8 +368,20 @@ mod tests {
             panic!("sentinel mode keeps the sentinels");
         };
         assert_eq!(sentinels.len(), 2);
-        // The memory backend needs no Redis, whatever the mode says.
-        Settings::load(None, env(&[("SENDTALK_RELAY__REDIS__MODE", "cluster")])).unwrap();
+        // An explicit memory backend needs no Redis, whatever the mode says
+        // (SPEC 7: a redis.* key alone would choose the redis backend).
+        let s = Settings::load(
+            None,
+            env(&[
+                ("SENDTALK_RELAY__DEDUP__BACKEND", "memory"),
+                ("SENDTALK_RELAY__REDIS__MODE", "cluster"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.ignored_keys.len(), 1);
+        let err =
+            Settings::load(None, env(&[("SENDTALK_RELAY__REDIS__MODE", "cluster")])).unwrap_err();
+        assert_eq!(err.key, "redis.urls");
     }
 
     #[test]

@@ -82,6 +82,63 @@ backend = "memory"
 /// relay publishes to RabbitMQ.
 const DEFAULT_SINK: &str = "amqp";
 
+/// Keys that an explicit demo choice makes meaningless (SPEC 7).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IgnoredKeys {
+    /// The explicit choice, as `key = value`.
+    pub because: &'static str,
+    /// The keys it ignores, dotted.
+    pub keys: Vec<String>,
+}
+
+/// A demo default and the real backend whose keys replace it (SPEC 7: a
+/// configured backend never falls back silently).
+struct RealBackend {
+    /// The key that chooses (`sink`, `dedup.backend`).
+    choice: &'static str,
+    /// The value its keys imply.
+    real: &'static str,
+    /// The demo value.
+    demo: &'static str,
+    /// The section whose keys imply it.
+    section: &'static str,
+    /// How the ignored keys are announced.
+    because: &'static str,
+}
+
+const REAL_BACKENDS: [RealBackend; 2] = [
+    RealBackend {
+        choice: "sink",
+        real: "amqp",
+        demo: "stdout",
+        section: "amqp",
+        because: "sink = \"stdout\"",
+    },
+    RealBackend {
+        choice: "dedup.backend",
+        real: "redis",
+        demo: "memory",
+        section: "redis",
+        because: "dedup.backend = \"memory\"",
+    },
+];
+
+/// Every dotted key a TOML table sets (arrays of tables count as their key).
+fn dotted_keys(table: &toml::Table, prefix: &str, out: &mut Vec<(String, String)>) {
+    for (key, value) in table {
+        let dotted = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match value {
+            toml::Value::Table(inner) => dotted_keys(inner, &dotted, out),
+            toml::Value::String(s) => out.push((dotted, s.clone())),
+            other => out.push((dotted, other.to_string())),
+        }
+    }
+}
+
 /// A configuration problem, always naming the key at fault.
 #[derive(Debug, thiserror::Error)]
 #[error("configuration key `{key}`: {message}")]
@@ -176,6 +233,10 @@ pub struct Settings {
     pub embedded: bool,
     /// True when `dev-secret` is in use because nothing else was configured.
     pub using_dev_secret: bool,
+    /// Keys set beside an explicit demo choice (`sink = "stdout"` with
+    /// `amqp.*`, `dedup.backend = "memory"` with `redis.*`): honoured, and
+    /// named in a warning at start-up (SPEC 7).
+    pub ignored_keys: Vec<IgnoredKeys>,
     /// The effective configuration as `check-config` prints it, rendered
     /// from the layers at load time with every secret already redacted.
     redacted_toml: String,
@@ -234,8 +295,10 @@ impl Settings {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigError> {
-        let raw = read_layers(file, env)?;
-        Settings::validate(raw, file.is_none())
+        let (raw, ignored_keys) = read_layers(file, env)?;
+        let mut settings = Settings::validate(raw, file.is_none())?;
+        settings.ignored_keys = ignored_keys;
+        Ok(settings)
     }
 
     /// The effective configuration as TOML with every secret replaced by
@@ -301,6 +364,7 @@ impl Settings {
             sendtalk,
             embedded,
             using_dev_secret,
+            ignored_keys: Vec::new(),
             redacted_toml,
         })
     }
@@ -311,10 +375,13 @@ impl Settings {
 fn read_layers(
     file: Option<&Path>,
     env: impl IntoIterator<Item = (String, String)>,
-) -> Result<RawSettings, ConfigError> {
+) -> Result<(RawSettings, Vec<IgnoredKeys>), ConfigError> {
     let mut builder = config::Config::builder()
         .set_default("sink", DEFAULT_SINK)
         .map_err(|e| ConfigError::new("sink", e.to_string()))?;
+    // The keys the operator set (file, then environment), for SPEC 7's
+    // rule on real backends.
+    let mut set: Vec<(String, String)> = Vec::new();
     match file {
         None => {
             builder = builder.add_source(config::File::from_str(
@@ -332,6 +399,13 @@ fn read_layers(
             builder = builder.add_source(
                 config::File::from(path.to_path_buf()).format(config::FileFormat::Toml),
             );
+            // A file that does not parse is reported by `config` below.
+            if let Ok(table) = std::fs::read_to_string(path)
+                .map_err(|e| e.to_string())
+                .and_then(|text| text.parse::<toml::Table>().map_err(|e| e.to_string()))
+            {
+                dotted_keys(&table, "", &mut set);
+            }
         }
     }
     for (name, value) in env {
@@ -339,6 +413,7 @@ fn read_layers(
             continue;
         };
         let key = rest.to_ascii_lowercase().replace("__", ".");
+        set.push((key.clone(), value.clone()));
         let result = if LIST_KEYS.contains(&key.as_str()) {
             let items: Vec<String> = value
                 .split(',')
@@ -352,8 +427,40 @@ fn read_layers(
         };
         builder = result.map_err(|e| ConfigError::new(format!("{name} ({key})"), e.to_string()))?;
     }
+    let mut ignored = Vec::new();
+    for backend in &REAL_BACKENDS {
+        let in_section = |k: &String| {
+            k.strip_prefix(backend.section)
+                .is_some_and(|rest| rest.starts_with('.'))
+        };
+        let keys: Vec<String> = set
+            .iter()
+            .map(|(k, _)| k)
+            .filter(|k| in_section(k))
+            .cloned()
+            .collect();
+        if keys.is_empty() {
+            continue;
+        }
+        // The last layer that set the choice wins, as in `config`.
+        match set.iter().rev().find(|(k, _)| k == backend.choice) {
+            None => {
+                builder = builder
+                    .set_override(backend.choice, backend.real)
+                    .map_err(|e| ConfigError::new(backend.choice, e.to_string()))?;
+            }
+            Some((_, value)) if value == backend.demo => ignored.push(IgnoredKeys {
+                because: backend.because,
+                keys,
+            }),
+            Some(_) => {}
+        }
+    }
     let layered = builder.build().map_err(|e| from_config_error(&e))?;
-    layered.try_deserialize().map_err(|e| from_config_error(&e))
+    let raw = layered
+        .try_deserialize()
+        .map_err(|e| from_config_error(&e))?;
+    Ok((raw, ignored))
 }
 
 /// Turns the `config` crate's error into one naming the key.

@@ -130,3 +130,94 @@ fn debug_output_never_shows_a_secret() {
     // The non-secret parts are still there to debug with.
     assert!(printed.contains("h2"), "{printed}");
 }
+
+/// SPEC 7 (issue 20): configured by environment alone, as containers are,
+/// real backends' keys choose the real backends.
+#[test]
+fn amqp_and_redis_keys_in_the_environment_choose_the_real_backends() {
+    let s = Settings::load(
+        None,
+        env(&[
+            (
+                "SENDTALK_RELAY__AMQP__URI",
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+            ),
+            ("SENDTALK_RELAY__AMQP__EXCHANGE", "env.only"),
+            ("SENDTALK_RELAY__REDIS__URL", "redis://127.0.0.1:6379"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(s.sink, SinkKind::Amqp);
+    assert_eq!(s.dedup.backend(), DedupBackend::Redis);
+    assert!(s.ignored_keys.is_empty());
+    // Only one of them: only that one changes.
+    let s = Settings::load(None, env(&[("SENDTALK_RELAY__AMQP__EXCHANGE", "x")])).unwrap();
+    assert_eq!(s.sink, SinkKind::Amqp);
+    assert_eq!(s.dedup.backend(), DedupBackend::Memory);
+    let s = Settings::load(
+        None,
+        env(&[("SENDTALK_RELAY__REDIS__URL", "redis://127.0.0.1:6379")]),
+    )
+    .unwrap();
+    assert_eq!(s.sink, SinkKind::Stdout);
+    assert_eq!(s.dedup.backend(), DedupBackend::Redis);
+}
+
+#[test]
+fn amqp_and_redis_keys_in_a_file_choose_the_real_backends() {
+    let dir = std::env::temp_dir().join(format!("cfg-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("relay.toml");
+    std::fs::write(
+        &file,
+        "[http]\nlisten = \"127.0.0.1:8080\"\n[auth]\nsecrets = [\"a-secret-for-tests\"]\n[redis]\nurl = \"redis://127.0.0.1:6379\"\n",
+    )
+    .unwrap();
+    let s = Settings::load(Some(&file), env(&[])).unwrap();
+    assert_eq!(s.dedup.backend(), DedupBackend::Redis);
+    // An explicit memory choice in the file, redis keys from the environment.
+    std::fs::write(
+        &file,
+        "sink = \"stdout\"\n[auth]\nsecrets = [\"a-secret-for-tests\"]\n[dedup]\nbackend = \"memory\"\n[amqp]\nexchange = \"ignored\"\n",
+    )
+    .unwrap();
+    let s = Settings::load(
+        Some(&file),
+        env(&[("SENDTALK_RELAY__REDIS__URL", "redis://127.0.0.1:6379")]),
+    )
+    .unwrap();
+    assert_eq!(s.sink, SinkKind::Stdout);
+    assert_eq!(s.dedup.backend(), DedupBackend::Memory);
+    assert_eq!(
+        s.ignored_keys,
+        vec![
+            IgnoredKeys {
+                because: "sink = \"stdout\"",
+                keys: vec!["amqp.exchange".to_string()],
+            },
+            IgnoredKeys {
+                because: "dedup.backend = \"memory\"",
+                keys: vec!["redis.url".to_string()],
+            },
+        ]
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn an_explicit_demo_choice_in_the_environment_is_honoured_and_names_what_it_ignores() {
+    let s = Settings::load(
+        None,
+        env(&[
+            ("SENDTALK_RELAY__SINK", "stdout"),
+            ("SENDTALK_RELAY__AMQP__URI", "amqp://127.0.0.1:5672/%2f"),
+            ("SENDTALK_RELAY__DEDUP__BACKEND", "memory"),
+            ("SENDTALK_RELAY__REDIS__URL", "redis://127.0.0.1:6379"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(s.sink, SinkKind::Stdout);
+    assert_eq!(s.dedup.backend(), DedupBackend::Memory);
+    let named: Vec<_> = s.ignored_keys.iter().flat_map(|i| i.keys.clone()).collect();
+    assert_eq!(named, ["amqp.uri", "redis.url"]);
+}
