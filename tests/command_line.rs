@@ -541,3 +541,71 @@ fn redis_cluster_and_sentinel_settings_are_validated_and_their_urls_redacted() {
         Some("rediss://u:<redacted>@s2:26379")
     );
 }
+
+/// SPEC 8 (issue 20): `healthcheck` probes `/healthz` wherever the same
+/// configuration puts the admin listener: 0 for a relay whose admin port
+/// was moved, 1 for a closed port and for a listener that answers 404, each
+/// within 2 s.
+#[test]
+fn healthcheck_follows_admin_listen_and_checks_the_status() {
+    let admin = free_port();
+    let http = free_port();
+    let mut server = relay()
+        .env("SENDTALK_RELAY__HTTP__LISTEN", format!("127.0.0.1:{http}"))
+        .env(
+            "SENDTALK_RELAY__ADMIN__LISTEN",
+            format!("127.0.0.1:{admin}"),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let check = |listen: String| {
+        let started = Instant::now();
+        let out = relay()
+            .arg("healthcheck")
+            .env("SENDTALK_RELAY__ADMIN__LISTEN", listen)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            started.elapsed(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut up = check(format!("127.0.0.1:{admin}"));
+    while up.0 != Some(0) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        up = check(format!("127.0.0.1:{admin}"));
+    }
+    assert_eq!(up.0, Some(0), "{}", up.2);
+    // 0.0.0.0 is probed on loopback.
+    assert_eq!(check(format!("0.0.0.0:{admin}")).0, Some(0));
+    let _ = server.kill();
+    let _ = server.wait();
+
+    let closed = check(format!("127.0.0.1:{}", free_port()));
+    assert_eq!(closed.0, Some(1), "{}", closed.2);
+    assert!(closed.1 < Duration::from_secs(3), "{:?}", closed.1);
+
+    // A listener that answers, but not 200; and one that never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(1) {
+            let mut stream = stream.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = std::io::Read::read(&mut stream, &mut buf);
+            let _ = stream.write_all(
+                b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            );
+        }
+    });
+    let not_found = check(format!("127.0.0.1:{port}"));
+    assert_eq!(not_found.0, Some(1), "{}", not_found.2);
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung = check(silent.local_addr().unwrap().to_string());
+    assert_eq!(hung.0, Some(1), "{}", hung.2);
+    assert!(hung.1 < Duration::from_secs(3), "{:?}", hung.1);
+}
