@@ -19,7 +19,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt as _;
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use support::loopfs::LoopFs;
@@ -257,8 +256,8 @@ async fn declare_queue(
         .unwrap();
 }
 
-/// Every message id in `queue` (consumed with no-ack) until `want` are all
-/// in or nothing arrived for `quiet`.
+/// Every message id in `queue` (consumed with no-ack) until `want` are
+/// all in and the queue is quiet, or `within` passed.
 async fn drain_queue(
     channel: &lapin::Channel,
     queue: &str,
@@ -277,31 +276,8 @@ async fn drain_queue(
         )
         .await
         .unwrap();
-    let mut seen: HashMap<String, usize> = HashMap::new();
-    let deadline = Instant::now() + within;
-    loop {
-        let complete = want.iter().all(|id| seen.contains_key(id));
-        let quiet = if complete {
-            Duration::from_secs(2)
-        } else {
-            Duration::from_secs(10)
-        };
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .min(quiet);
-        match tokio::time::timeout(left, consumer.next()).await {
-            Ok(Some(Ok(d))) => {
-                let id = d
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|s| s.as_str().to_string())
-                    .unwrap_or_default();
-                *seen.entry(id).or_insert(0) += 1;
-            }
-            _ => return seen,
-        }
-    }
+    let want: Vec<String> = want.iter().cloned().collect();
+    count_ids(&mut consumer, &want, within, Duration::from_secs(2)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

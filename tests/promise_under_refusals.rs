@@ -285,28 +285,6 @@ impl NamedQueue {
         }
     }
 
-    /// Message ids until `want` are all in or `within` passed.
-    async fn ids_until(&mut self, want: &[String], within: Duration) -> HashMap<String, usize> {
-        let deadline = tokio::time::Instant::now() + within;
-        let mut seen = HashMap::new();
-        while !want.iter().all(|id| seen.contains_key(id)) {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match tokio::time::timeout(left, self.consumer.next()).await {
-                Ok(Some(Ok(d))) => {
-                    let id = d
-                        .properties
-                        .message_id()
-                        .as_ref()
-                        .map(|s| s.as_str().to_string())
-                        .unwrap_or_default();
-                    *seen.entry(id).or_insert(0) += 1;
-                }
-                _ => break,
-            }
-        }
-        seen
-    }
-
     async fn delete(self) {
         let channel = self.conn.create_channel().await.unwrap();
         let _ = channel
@@ -377,7 +355,13 @@ async fn a_deleted_exchange_is_declared_again_and_nothing_answered_2xx_is_lost()
     assert_eq!((a.status, a.result()), (200, "published"), "{:?}", a.json);
     accepted.push(healed);
 
-    let seen = consumer.ids_until(&accepted, Duration::from_secs(30)).await;
+    let seen = count_ids(
+        &mut consumer.consumer,
+        &accepted,
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+    )
+    .await;
     let lost: Vec<_> = accepted
         .iter()
         .filter(|id| !seen.contains_key(*id))

@@ -112,14 +112,7 @@ impl Drop for Frozen<'_> {
 impl Drop for LoopFs {
     fn drop(&mut self) {
         let _ = Command::new("fsfreeze").arg("-u").arg(&self.dir).output();
-        let unmounted = Command::new("umount")
-            .arg(&self.dir)
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !unmounted {
-            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-        }
-        let _ = std::fs::remove_dir(&self.dir);
+        super::tmpfs::unmount(&self.dir);
         let _ = std::fs::remove_file(&self.image);
         self.reaper.take();
     }

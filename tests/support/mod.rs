@@ -709,3 +709,36 @@ pub async fn raw_exchange(app: &TestApp, request: &[u8], within: Duration) -> Op
         .unwrap_or(0);
     Some(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
+
+/// Counts the message ids `consumer` receives (a no-ack consumer) until
+/// every id of `want` is in and nothing more came for `quiet`, or `within`
+/// passed: the per-id oracle of the tests that read a named queue.
+pub async fn count_ids(
+    consumer: &mut lapin::Consumer,
+    want: &[String],
+    within: Duration,
+    quiet: Duration,
+) -> HashMap<String, usize> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let wait = if want.iter().all(|id| seen.contains_key(id)) {
+            left.min(quiet)
+        } else {
+            left
+        };
+        match tokio::time::timeout(wait, consumer.next()).await {
+            Ok(Some(Ok(d))) => {
+                let id = d
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|s| s.as_str().to_string())
+                    .unwrap_or_default();
+                *seen.entry(id).or_insert(0) += 1;
+            }
+            _ => return seen,
+        }
+    }
+}

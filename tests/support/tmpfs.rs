@@ -98,18 +98,23 @@ impl SmallFs {
     }
 }
 
+/// Unmounts `dir` and removes it (shared with [`super::loopfs`]).
+pub(super) fn unmount(dir: &Path) {
+    let unmounted = Command::new("umount")
+        .arg(dir)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !unmounted {
+        // Busy (a file still open somewhere): detach it now, the
+        // kernel frees it when the last user goes.
+        let _ = Command::new("umount").arg("-l").arg(dir).status();
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
 impl Drop for SmallFs {
     fn drop(&mut self) {
-        let unmounted = Command::new("umount")
-            .arg(&self.dir)
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !unmounted {
-            // Busy (a file still open somewhere): detach it now, the
-            // kernel frees it when the last user goes.
-            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-        }
-        let _ = std::fs::remove_dir(&self.dir);
+        unmount(&self.dir);
         // Nothing is left for the reaper to do.
         self.reaper.take();
     }
