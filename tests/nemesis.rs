@@ -370,7 +370,7 @@ async fn nemesis() {
             let mut n = 0usize;
             while Instant::now() < load_until {
                 n += 1;
-                let routable = n % 5 != 0;
+                let routable = !n.is_multiple_of(5);
                 let id = unique(&format!("nem-{w}"));
                 let body = format!(
                     r#"{{"id":"{id}","userPhone":"{PHONE}","status":"{}","verifiedTime":{}}}"#,

@@ -349,7 +349,7 @@ async fn sigterm_on_a_stalled_disk_gives_up_on_the_spool_in_time_and_exits_1() {
     second.wait_listening().await;
     let mut seen: HashSet<String> = first
         .iter()
-        .filter_map(|d| d.properties.message_id().as_ref().map(|m| m.to_string()))
+        .filter_map(|d| d.properties.message_id().as_ref().map(ToString::to_string))
         .collect();
     let rest = consumer
         .collect(

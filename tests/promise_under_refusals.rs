@@ -2,6 +2,8 @@
 //! attributed to the very publish they belong to under concurrency, and
 //! refused entries retried with backoff instead of flooding healthy queues.
 
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns panic on purpose
+
 mod support;
 
 use std::collections::HashMap;
@@ -211,7 +213,10 @@ async fn a_dropped_unroutable_event_is_answered_dropped_not_published() {
         metric(&metrics, "sendtalk_relay_unroutable_total"),
         Some(1.0)
     );
-    assert_eq!(app.spool.as_ref().map(|s| s.depth()), Some(0));
+    assert_eq!(
+        app.spool.as_ref().map(sendtalk_relay::spool::Spool::depth),
+        Some(0)
+    );
 }
 
 /// Whether `exchange` exists on the shared broker (a passive declare on a
@@ -313,9 +318,11 @@ async fn a_deleted_exchange_is_declared_again_and_nothing_answered_2xx_is_lost()
         format!("[[amqp.queues]]\nname = \"{queue}\"\nbinding_key = \"#\"\n"),
     )
     .unwrap();
-    let mut options = Options::default();
-    options.no_consumer = true;
-    options.config_file = Some(file.clone());
+    let options = Options {
+        no_consumer: true,
+        config_file: Some(file.clone()),
+        ..Options::default()
+    };
     let mut app = spawn_app_with(options).await;
     let mut consumer = NamedQueue::consume(&queue).await;
 

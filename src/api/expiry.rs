@@ -34,7 +34,7 @@ pub async fn run(lifecycle: Arc<Lifecycle>, shutdown: CancellationToken) {
 
 /// One pass: batch after batch until nothing due is left (or nothing in a
 /// batch could be expired: every id claimed by another replica), each
-/// batch worked on [`SWEEP_CONCURRENCY`] ids at once; public so that a test
+/// batch worked on `SWEEP_CONCURRENCY` ids at once; public so that a test
 /// can drive it without waiting.
 pub async fn sweep(lifecycle: &Lifecycle, shutdown: &CancellationToken) {
     while !shutdown.is_cancelled() {

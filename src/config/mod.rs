@@ -282,7 +282,9 @@ fn worst_case_pipeline(confirm_timeout: Duration, api_enabled: bool) -> Duration
 }
 
 impl Settings {
-    /// See [`worst_case_pipeline`].
+    /// The longest one webhook can hold its lease: claim + (with the
+    /// lifecycle API) the `x-phone-match` look-up + publish and confirm +
+    /// spool write + commit, with the bounds the relay enforces.
     pub fn worst_case_pipeline(&self) -> Duration {
         worst_case_pipeline(self.amqp.confirm_timeout, self.api.enabled)
     }
