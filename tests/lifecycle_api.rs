@@ -246,6 +246,20 @@ fn request_body(phone: &str) -> String {
         .to_string()
 }
 
+/// Creates one verification per phone and checks each answer's status,
+/// error code and field.
+async fn assert_creates_answer(app: &TestApp, cases: &[(&str, u16, &str, &str)]) {
+    for &(phone, status, code, field) in cases {
+        let a = create(app, &request_body(phone)).await;
+        assert_eq!(
+            (a.status, a.code(), a.field()),
+            (status, code, field),
+            "{phone}: {:?}",
+            a.json
+        );
+    }
+}
+
 // ---------------------------------------------------------------- tests
 
 #[tokio::test]
@@ -397,15 +411,7 @@ async fn undocumented_and_unauthorized_answers_from_a_stub_map_to_the_table() {
         ("6281200001003", 502, "provider_error", ""),
         ("6281200001004", 502, "provider_unauthorized", ""),
     ];
-    for (phone, status, code, field) in cases {
-        let a = create(&app, &request_body(phone)).await;
-        assert_eq!(
-            (a.status, a.code(), a.field()),
-            (status, code, field),
-            "{phone}: {:?}",
-            a.json
-        );
-    }
+    assert_creates_answer(&app, &cases).await;
     assert!(app
         .consumer()
         .drain(Duration::from_millis(500))
@@ -424,15 +430,7 @@ async fn failures_written_with_empty_objects_map_to_their_reasons_and_a_success_
         ("6281200001006", 503, "provider_insufficient_balance", ""),
         ("6281200001007", 503, "provider_disabled", ""),
     ];
-    for (phone, status, code, field) in cases {
-        let a = create(&app, &request_body(phone)).await;
-        assert_eq!(
-            (a.status, a.code(), a.field()),
-            (status, code, field),
-            "{phone}: {:?}",
-            a.json
-        );
-    }
+    assert_creates_answer(&app, &cases).await;
     let a = create(&app, &request_body("6281200001008")).await;
     assert_eq!(a.status, 201, "{:?}", a.json);
     assert_eq!(a.json["status"], "pending");

@@ -264,18 +264,7 @@ async fn drain_queue(
     want: &HashSet<String>,
     within: Duration,
 ) -> HashMap<String, usize> {
-    let mut consumer = channel
-        .basic_consume(
-            queue.into(),
-            support::unique("nemesis").as_str().into(),
-            lapin::options::BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = consume_no_ack(channel, queue).await;
     let want: Vec<String> = want.iter().cloned().collect();
     count_ids(&mut consumer, &want, within, Duration::from_secs(2)).await
 }

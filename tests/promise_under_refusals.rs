@@ -271,18 +271,7 @@ impl NamedQueue {
             .await
             .unwrap();
         let channel = conn.create_channel().await.unwrap();
-        let consumer = channel
-            .basic_consume(
-                name.into(),
-                "test".into(),
-                lapin::options::BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let consumer = consume_no_ack(&channel, name).await;
         NamedQueue {
             conn,
             consumer,

@@ -710,6 +710,22 @@ pub async fn raw_exchange(app: &TestApp, request: &[u8], within: Duration) -> Op
     Some(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
+/// A no-ack consumer on the existing queue `queue`.
+pub async fn consume_no_ack(channel: &Channel, queue: &str) -> lapin::Consumer {
+    channel
+        .basic_consume(
+            queue.into(),
+            unique("test-consumer").as_str().into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+}
+
 /// Counts the message ids `consumer` receives (a no-ack consumer) until
 /// every id of `want` is in and nothing more came for `quiet`, or `within`
 /// passed: the per-id oracle of the tests that read a named queue.
