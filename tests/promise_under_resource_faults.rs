@@ -284,3 +284,86 @@ async fn a_stalled_disk_answers_503_in_time_and_leaves_the_counts_right() {
     assert_eq!(message_ids(&delivered), vec![later]);
     app.stop().await;
 }
+
+/// Found by the nemesis's 30-minute run (seed 30): a broker outage long
+/// enough for the spool itself to fill its disk left entries that could
+/// never drain (a copy-on-write store needs free pages to delete anything).
+/// The spool keeps a disk reserve and releases it when it cannot reopen:
+/// once the broker is back everything answered 202 drains, and the next
+/// outage is answered 202 again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_spool_that_filled_its_own_disk_still_drains_and_takes_events_again() {
+    let fs = SmallFs::mount(4 * 1024);
+    let broker = FaultProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let mut options = Options::default().env("AMQP__URI", broker.amqp_uri());
+    options.spool_dir = Some(fs.path().join("spool"));
+    let mut app = spawn_app_with(options).await;
+    broker.cut();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            app.metric("sendtalk_relay_amqp_connected").await == Some(0.0)
+        })
+        .await
+    );
+    let mut queued = Vec::new();
+    let mut full = false;
+    for i in 0..50_000 {
+        let id = unique(&format!("fill-{i}"));
+        let a = app.post(&event_body(&id)).await;
+        match a.status {
+            202 => queued.push(id),
+            503 => {
+                full = true;
+                break;
+            }
+            other => panic!("unexpected {other}: {:?}", a.json),
+        }
+    }
+    assert!(full, "the spool never filled its 4 MiB disk");
+    assert!(queued.len() > 100, "only {} spooled", queued.len());
+
+    broker.restore();
+    let delivered = app
+        .consumer()
+        .collect(
+            queued.len(),
+            Duration::from_secs(60),
+            Duration::from_secs(1),
+        )
+        .await;
+    let counts = id_counts(&delivered);
+    let lost: Vec<_> = queued
+        .iter()
+        .filter(|id| !counts.contains_key(*id))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} answered 202 not drained",
+        lost.len(),
+        queued.len()
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            app.metric("sendtalk_relay_spool_depth").await == Some(0.0)
+        })
+        .await
+    );
+
+    broker.cut();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            app.metric("sendtalk_relay_amqp_connected").await == Some(0.0)
+        })
+        .await
+    );
+    let next = unique("after-full");
+    let a = app.post(&event_body(&next)).await;
+    assert_eq!((a.status, a.result()), (202, "queued"), "{:?}", a.json);
+    broker.restore();
+    let got = app
+        .consumer()
+        .collect(1, Duration::from_secs(30), Duration::from_millis(300))
+        .await;
+    assert_eq!(message_ids(&got), vec![next]);
+    app.stop().await;
+}

@@ -93,6 +93,9 @@ pub(crate) struct Shared {
     /// stalled disk, which readiness reports before any append times out.
     commit_since: AtomicU64,
     epoch: Instant,
+    /// True while the disk reserve is released (see `store`): appends are
+    /// refused so that the room it gave goes to draining.
+    reserve_released: AtomicBool,
     depth_gauge: IntGauge,
     bytes_gauge: IntGauge,
 }
@@ -121,6 +124,14 @@ impl Shared {
         self.bytes.store(bytes, Ordering::Release);
         self.update_gauges();
         self.failing.store(false, Ordering::Release);
+    }
+
+    fn reserve_released(&self) -> bool {
+        self.reserve_released.load(Ordering::Acquire)
+    }
+
+    fn set_reserve_released(&self, released: bool) {
+        self.reserve_released.store(released, Ordering::Release);
     }
 
     /// Marks the start (`true`) or the end of a commit (writer thread only).
@@ -219,6 +230,9 @@ impl Spool {
             reserved: AtomicU64::new(0),
             commit_since: AtomicU64::new(0),
             epoch: Instant::now(),
+            // A missing reserve that cannot be written back while entries
+            // wait means an earlier run released it on a full disk.
+            reserve_released: AtomicBool::new(!store::ensure_reserve(&path) && depth > 0),
             depth_gauge: metrics.depth,
             bytes_gauge: metrics.bytes,
         });
@@ -266,6 +280,7 @@ impl Spool {
         let shared = &self.inner.shared;
         !shared.is_failing()
             && !shared.is_stalled()
+            && !shared.reserve_released()
             && self.bytes() + shared.reserved.load(Ordering::Acquire) + 1024 <= self.inner.max_bytes
     }
 
@@ -292,7 +307,7 @@ impl Spool {
 
     /// Appends an envelope and returns once it is fsynced.
     pub async fn append(&self, envelope: &Envelope, why: Spooled) -> Result<(), SpoolError> {
-        if self.inner.shared.is_failing() {
+        if self.inner.shared.is_failing() || self.inner.shared.reserve_released() {
             self.inner.errors.inc();
             return Err(SpoolError::Failing);
         }

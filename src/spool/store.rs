@@ -38,6 +38,37 @@ const CACHE_BYTES: usize = 4 * 1024 * 1024;
 const GROUP_COMMIT_MAX: usize = 512;
 /// How often a failing store tries to reopen when no write asks for it.
 pub(super) const REOPEN_EVERY: Duration = Duration::from_secs(1);
+/// A file of this size kept beside the database: a copy-on-write store
+/// needs free pages to delete anything, so a spool that filled its disk
+/// could never drain. When the store cannot be reopened the reserve is
+/// released, which gives the drainer room to delete what it publishes;
+/// appends are refused until the spool is empty and the reserve is back.
+const RESERVE_BYTES: usize = 1024 * 1024;
+/// The reserve's name inside `spool.dir`.
+const RESERVE_FILE: &str = "reserve";
+
+/// The reserve file beside the database at `path`.
+fn reserve_path(path: &Path) -> std::path::PathBuf {
+    path.with_file_name(RESERVE_FILE)
+}
+
+/// Writes the reserve (fsynced) if it is missing; true when it is there.
+pub(super) fn ensure_reserve(path: &Path) -> bool {
+    let reserve = reserve_path(path);
+    if reserve.is_file() {
+        return true;
+    }
+    let written = std::fs::File::create(&reserve).and_then(|mut file| {
+        std::io::Write::write_all(&mut file, &vec![0u8; RESERVE_BYTES])?;
+        file.sync_all()
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&reserve);
+        tracing::warn!(error = %e, "could not write the spool's disk reserve");
+        return false;
+    }
+    true
+}
 
 /// A write for the writer thread.
 pub(super) enum Command {
@@ -149,6 +180,16 @@ pub(super) fn writer_loop(shared: &Shared, path: &Path, mut rx: mpsc::UnboundedR
             .sum();
         if let Ok(change) = &result {
             shared.apply(change);
+            if shared.reserve_released() && shared.depth.load(Ordering::Acquire) == 0 {
+                // Drained: take the reserve back, and appends again. Without
+                // room for it the spool still works, as it would without one.
+                let restored = ensure_reserve(path);
+                shared.set_reserve_released(false);
+                tracing::info!(
+                    reserve = restored,
+                    "spool drained after its disk was full; appends are taken again"
+                );
+            }
         }
         shared.reserved.fetch_sub(reserved, Ordering::AcqRel);
         if let Err(e) = &result {
@@ -227,6 +268,20 @@ fn try_reopen(shared: &Shared, path: &Path, last: &mut Instant) {
         let counts = count(&db)?;
         Ok((db, counts))
     });
+    let reopened = match reopened {
+        Err(e)
+            if !shared.reserve_released() && std::fs::remove_file(reserve_path(path)).is_ok() =>
+        {
+            shared.set_reserve_released(true);
+            tracing::warn!(error = %e, reserve_bytes = RESERVE_BYTES, "spool store cannot be reopened; released its disk reserve so that spooled events can drain; appends are refused until the spool is empty");
+            open(path).and_then(|db| {
+                probe(&db)?;
+                let counts = count(&db)?;
+                Ok((db, counts))
+            })
+        }
+        other => other,
+    };
     match reopened {
         Ok((db, (_, depth, bytes))) => {
             shared.recover(Arc::new(db), depth, bytes);
