@@ -97,13 +97,7 @@ async fn a_full_disk_refuses_with_503_and_recovers_without_restart() {
     let mut options = Options::default().env("AMQP__URI", broker.amqp_uri());
     options.spool_dir = Some(fs.path().join("spool"));
     let mut app = spawn_app_with(options).await;
-    broker.cut();
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            app.metric("sendtalk_relay_amqp_connected").await == Some(0.0)
-        })
-        .await
-    );
+    cut_broker(&app, &broker).await;
 
     let mut queued = Vec::new();
     for _ in 0..5 {
@@ -171,11 +165,7 @@ async fn a_full_disk_refuses_with_503_and_recovers_without_restart() {
             Duration::from_secs(2),
         )
         .await;
-    let counts = id_counts(&delivered);
-    let lost: Vec<_> = queued
-        .iter()
-        .filter(|id| !counts.contains_key(*id))
-        .collect();
+    let lost = missing(&queued, &delivered);
     assert!(
         lost.is_empty(),
         "{} events answered 202 were lost: {lost:?}",
@@ -197,13 +187,7 @@ async fn a_stalled_disk_answers_503_in_time_and_leaves_the_counts_right() {
     options.spool_dir = Some(fs.path().join("spool"));
     let mut app = spawn_app_with(options).await;
     let spool = app.spool.clone().unwrap();
-    broker.cut();
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            app.metric("sendtalk_relay_amqp_connected").await == Some(0.0)
-        })
-        .await
-    );
+    cut_broker(&app, &broker).await;
     let first = unique("before-stall");
     let a = app.post(&event_body(&first)).await;
     assert_eq!((a.status, a.result()), (202, "queued"), "{:?}", a.json);
@@ -265,13 +249,7 @@ async fn a_stalled_disk_answers_503_in_time_and_leaves_the_counts_right() {
     );
 
     // The next outage is an ordinary one.
-    broker.cut();
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            app.metric("sendtalk_relay_amqp_connected").await == Some(0.0)
-        })
-        .await
-    );
+    cut_broker(&app, &broker).await;
     let later = unique("next-outage");
     let a = app.post(&event_body(&later)).await;
     assert_eq!((a.status, a.result()), (202, "queued"), "{:?}", a.json);
@@ -298,13 +276,7 @@ async fn a_spool_that_filled_its_own_disk_still_drains_and_takes_events_again() 
     let mut options = Options::default().env("AMQP__URI", broker.amqp_uri());
     options.spool_dir = Some(fs.path().join("spool"));
     let mut app = spawn_app_with(options).await;
-    broker.cut();
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            app.metric("sendtalk_relay_amqp_connected").await == Some(0.0)
-        })
-        .await
-    );
+    cut_broker(&app, &broker).await;
     let mut queued = Vec::new();
     let mut full = false;
     for i in 0..50_000 {
@@ -331,11 +303,7 @@ async fn a_spool_that_filled_its_own_disk_still_drains_and_takes_events_again() 
             Duration::from_secs(1),
         )
         .await;
-    let counts = id_counts(&delivered);
-    let lost: Vec<_> = queued
-        .iter()
-        .filter(|id| !counts.contains_key(*id))
-        .collect();
+    let lost = missing(&queued, &delivered);
     assert!(
         lost.is_empty(),
         "{} of {} answered 202 not drained",
@@ -349,13 +317,7 @@ async fn a_spool_that_filled_its_own_disk_still_drains_and_takes_events_again() 
         .await
     );
 
-    broker.cut();
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            app.metric("sendtalk_relay_amqp_connected").await == Some(0.0)
-        })
-        .await
-    );
+    cut_broker(&app, &broker).await;
     let next = unique("after-full");
     let a = app.post(&event_body(&next)).await;
     assert_eq!((a.status, a.result()), (202, "queued"), "{:?}", a.json);
@@ -366,4 +328,17 @@ async fn a_spool_that_filled_its_own_disk_still_drains_and_takes_events_again() 
         .await;
     assert_eq!(message_ids(&got), vec![next]);
     app.stop().await;
+}
+
+/// Cuts the relay's broker connection and waits until it reports it
+/// (`amqp_connected` 0), so the next webhook meets the outage.
+async fn cut_broker(app: &TestApp, broker: &FaultProxy) {
+    broker.cut();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            app.metric("sendtalk_relay_amqp_connected").await == Some(0.0)
+        })
+        .await,
+        "the relay did not notice the broker cut"
+    );
 }

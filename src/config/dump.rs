@@ -107,12 +107,19 @@ pub fn default_keys() -> BTreeMap<String, String> {
         sendtalk: RawSendTalk::default(),
     };
     if let Ok(toml::Value::Table(table)) = toml::Value::try_from(&defaults) {
-        flatten("", &table, &mut keys);
+        flatten("", &table, &mut keys, toml::Value::to_string);
     }
     keys
 }
 
-fn flatten(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, String>) {
+/// Every dotted key `table` sets (arrays of tables count as their key),
+/// each with its value rendered by `leaf`.
+pub(super) fn flatten(
+    prefix: &str,
+    table: &toml::Table,
+    out: &mut impl Extend<(String, String)>,
+    leaf: fn(&toml::Value) -> String,
+) {
     for (k, v) in table {
         let key = if prefix.is_empty() {
             k.clone()
@@ -120,10 +127,8 @@ fn flatten(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, String>
             format!("{prefix}.{k}")
         };
         match v {
-            toml::Value::Table(t) => flatten(&key, t, out),
-            other => {
-                out.insert(key, other.to_string());
-            }
+            toml::Value::Table(t) => flatten(&key, t, out, leaf),
+            other => out.extend([(key, leaf(other))]),
         }
     }
 }

@@ -123,22 +123,6 @@ const REAL_BACKENDS: [RealBackend; 2] = [
     },
 ];
 
-/// Every dotted key a TOML table sets (arrays of tables count as their key).
-fn dotted_keys(table: &toml::Table, prefix: &str, out: &mut Vec<(String, String)>) {
-    for (key, value) in table {
-        let dotted = if prefix.is_empty() {
-            key.clone()
-        } else {
-            format!("{prefix}.{key}")
-        };
-        match value {
-            toml::Value::Table(inner) => dotted_keys(inner, &dotted, out),
-            toml::Value::String(s) => out.push((dotted, s.clone())),
-            other => out.push((dotted, other.to_string())),
-        }
-    }
-}
-
 /// A configuration problem, always naming the key at fault.
 #[derive(Debug, thiserror::Error)]
 #[error("configuration key `{key}`: {message}")]
@@ -406,7 +390,11 @@ fn read_layers(
                 .map_err(|e| e.to_string())
                 .and_then(|text| text.parse::<toml::Table>().map_err(|e| e.to_string()))
             {
-                dotted_keys(&table, "", &mut set);
+                // Strings as written, so that `sink = "stdout"` reads as the
+                // environment's SENDTALK_RELAY__SINK=stdout does.
+                dump::flatten("", &table, &mut set, |v| {
+                    v.as_str().map_or_else(|| v.to_string(), str::to_string)
+                });
             }
         }
     }

@@ -600,6 +600,12 @@ pub fn message_ids(deliveries: &[Delivery]) -> Vec<String> {
 }
 
 /// How many times each message id was delivered.
+/// The ids of `ids` that no delivery carries.
+pub fn missing<'a>(ids: &'a [String], deliveries: &[Delivery]) -> Vec<&'a String> {
+    let counts = id_counts(deliveries);
+    ids.iter().filter(|id| !counts.contains_key(*id)).collect()
+}
+
 pub fn id_counts(deliveries: &[Delivery]) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
     for id in message_ids(deliveries) {
