@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use sendtalk_relay::cli::{self, SenderKey};
 use sendtalk_relay::config::{AuthMode, Settings, CONFIG_FILE_ENV};
+use sendtalk_relay::spool::{EntryState, PageQuery};
 use sendtalk_relay::{shutdown, startup::Application, telemetry};
 
 /// BSD `EX_USAGE`: the configuration is wrong.
@@ -67,6 +68,61 @@ enum Command {
     /// GET /healthz on the configured admin listener; exit 0 on 200, 1
     /// otherwise, within 2 s (what a container's health check runs).
     Healthcheck,
+    /// See, retry and drop what the spool holds (a running relay's admin
+    /// API, or a stopped relay's file with `list --dir`).
+    ///
+    /// Exit 0; 1 when the entry does not exist or the relay refuses; 69
+    /// when the relay cannot be reached.
+    Spool {
+        /// Admin listener URL (default: the configured admin.listen).
+        #[arg(long, global = true, value_name = "URL")]
+        admin: Option<String>,
+        /// Bearer token (default: the first of admin.tokens / admin.token_files).
+        #[arg(
+            long,
+            global = true,
+            value_name = "T",
+            env = "SENDTALK_RELAY_ADMIN_TOKEN"
+        )]
+        token: Option<String>,
+        #[command(subcommand)]
+        action: SpoolAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SpoolAction {
+    /// List entries oldest first: key, state, attempts, age, last error (no
+    /// body, no phone number).
+    List {
+        /// Only entries in this state: waiting, held or dead.
+        #[arg(long, value_name = "S", value_parser = cli::spool::parse_state)]
+        state: Option<EntryState>,
+        /// Entries per page, 1 to 1000.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        limit: u16,
+        /// Start after this key (the `more: --after` of the previous page).
+        #[arg(long, value_name = "KEY")]
+        after: Option<u64>,
+        /// Read a stopped relay's spool directory (read-only) instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+    /// Show one entry with its body, message properties and headers.
+    Show {
+        /// The entry's key, as `list` shows it.
+        key: String,
+    },
+    /// Attempt an entry (dead or waiting) now, with its attempts reset.
+    Retry {
+        /// The entry's key, as `list` shows it.
+        key: String,
+    },
+    /// Delete an entry; it will never be published.
+    Drop {
+        /// The entry's key, as `list` shows it.
+        key: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -91,6 +147,67 @@ fn main() -> ExitCode {
         } => sign(&settings, mode, header, secret),
         Command::SendTest { url, secret, id } => send_test(&settings, url, secret, id),
         Command::Healthcheck => healthcheck(&settings),
+        Command::Spool {
+            admin,
+            token,
+            action,
+        } => spool(&settings, admin, token, action),
+    }
+}
+
+fn spool(
+    settings: &Settings,
+    admin: Option<String>,
+    token: Option<String>,
+    action: SpoolAction,
+) -> ExitCode {
+    use cli::spool::{Failure, Operation};
+    let operation = match action {
+        SpoolAction::List {
+            state,
+            limit,
+            after,
+            dir,
+        } => {
+            let query = PageQuery {
+                state,
+                after,
+                limit: usize::from(limit),
+            };
+            if let Some(dir) = dir {
+                return finish(cli::spool::list_dir(settings, &dir, query));
+            }
+            Operation::List(query)
+        }
+        SpoolAction::Show { key } => Operation::Show(key),
+        SpoolAction::Retry { key } => Operation::Retry(key),
+        SpoolAction::Drop { key } => Operation::Drop(key),
+    };
+    let base = admin.unwrap_or_else(|| cli::spool::admin_base(settings));
+    let token = token.or_else(|| {
+        use secrecy::ExposeSecret as _;
+        settings
+            .admin
+            .tokens
+            .first()
+            .map(|t| t.expose_secret().to_string())
+    });
+    let result = runtime()
+        .map_err(|e| Failure::Unreachable(format!("cannot start a runtime: {e}")))
+        .and_then(|rt| rt.block_on(cli::spool::run(&base, token.as_deref(), &operation)));
+    finish(result)
+}
+
+fn finish(result: Result<String, cli::spool::Failure>) -> ExitCode {
+    match result {
+        Ok(out) => {
+            println!("{}", out.trim_end());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sendtalk-relay spool: {e}");
+            ExitCode::from(e.exit_code())
+        }
     }
 }
 

@@ -181,22 +181,15 @@ pub(crate) fn check(
         ));
     }
 
-    let mut tokens = Vec::new();
-    for (i, t) in api.tokens.into_iter().enumerate() {
-        if t.expose_secret().trim().is_empty() {
-            return Err(ConfigError::new(
-                format!("api.tokens[{i}]"),
-                "must not be empty",
-            ));
-        }
-        tokens.push(t);
-    }
-    for (i, path) in api.token_files.iter().enumerate() {
-        tokens.push(read_secret_file(&format!("api.token_files[{i}]"), path)?);
-    }
+    let tokens = crate::config::secrets::resolve(
+        "api.tokens",
+        api.tokens,
+        "api.token_files",
+        &api.token_files,
+    )?;
     let mut api_key = (!sendtalk.api_key.expose_secret().is_empty()).then_some(sendtalk.api_key);
     if !sendtalk.api_key_file.as_os_str().is_empty() {
-        api_key = Some(read_secret_file(
+        api_key = Some(crate::config::secrets::read_file(
             "sendtalk.api_key_file",
             &sendtalk.api_key_file,
         )?);
@@ -229,19 +222,6 @@ pub(crate) fn check(
         default_expiry_minutes: sendtalk.default_expiry_minutes,
     };
     Ok((api, sendtalk))
-}
-
-fn read_secret_file(key: &str, path: &std::path::Path) -> Result<SecretString, ConfigError> {
-    let content = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))?;
-    let trimmed = content.trim();
-    if trimmed.is_empty() {
-        return Err(ConfigError::new(
-            key,
-            format!("{} is empty", path.display()),
-        ));
-    }
-    Ok(SecretString::from(trimmed.to_string()))
 }
 
 #[cfg(test)]

@@ -10,9 +10,10 @@ use serde::Serializer;
 use super::amqp::{OneOrMany, RawAmqp};
 use super::auth::{RawAuth, RawWebhook};
 use super::dedup::{RawDedup, RawRedis};
+use super::http::RawAdmin;
 use super::http::RawHttp;
 use super::spool_log::{RawLog, RawShutdown};
-use super::{AdminSettings, RawSettings, SinkKind, SpoolSettings};
+use super::{RawSettings, SinkKind, SpoolSettings};
 use crate::api::settings::{RawApi, RawSendTalk};
 
 /// What a secret is printed as.
@@ -94,7 +95,7 @@ pub fn default_keys() -> BTreeMap<String, String> {
     let defaults = RawSettings {
         sink: SinkKind::Amqp,
         http: RawHttp::default(),
-        admin: AdminSettings::default(),
+        admin: RawAdmin::default(),
         auth: RawAuth::default(),
         webhook: RawWebhook::default(),
         dedup: RawDedup::default(),

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
 use super::ConfigError;
@@ -183,21 +184,59 @@ impl std::fmt::Debug for ServerTls {
     }
 }
 
-/// `[admin]`: the metrics and probes listener. Nothing in it needs parsing
-/// beyond serde's, so the raw and the typed form are one struct.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `[admin]` as written; `tokens` are secret from the moment they are read.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct AdminSettings {
-    /// `admin.listen`.
-    pub listen: SocketAddr,
+pub(super) struct RawAdmin {
+    pub(super) listen: SocketAddr,
+    #[serde(serialize_with = "super::redacted_secrets")]
+    tokens: Vec<SecretString>,
+    token_files: Vec<PathBuf>,
 }
 
-impl Default for AdminSettings {
+impl Default for RawAdmin {
     fn default() -> Self {
         // Loopback: metrics and readiness are for the node, not the internet.
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            tokens: Vec::new(),
+            token_files: Vec::new(),
         }
+    }
+}
+
+impl RawAdmin {
+    pub(super) fn validate(self) -> Result<AdminSettings, ConfigError> {
+        let tokens = super::secrets::resolve(
+            "admin.tokens",
+            self.tokens,
+            "admin.token_files",
+            &self.token_files,
+        )?;
+        Ok(AdminSettings {
+            listen: self.listen,
+            tokens,
+        })
+    }
+}
+
+/// `[admin]`: the metrics and probes listener, and the tokens of the spool
+/// operations (SPEC 5.1).
+#[derive(Clone)]
+pub struct AdminSettings {
+    /// `admin.listen`.
+    pub listen: SocketAddr,
+    /// `admin.tokens` then `admin.token_files`; none: no spool operations.
+    pub tokens: Vec<SecretString>,
+}
+
+/// Hand-written: the tokens never reach a log through `{:?}`.
+impl std::fmt::Debug for AdminSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminSettings")
+            .field("listen", &self.listen)
+            .field("tokens", &self.tokens.len())
+            .finish()
     }
 }
 

@@ -28,6 +28,7 @@ mod broker;
 mod dedup;
 mod dump;
 mod http;
+pub(crate) mod secrets;
 mod spool_log;
 
 use std::path::Path;
@@ -66,6 +67,8 @@ const LIST_KEYS: &[&str] = &[
     "api.tokens",
     "api.token_files",
     "redis.urls",
+    "admin.tokens",
+    "admin.token_files",
 ];
 
 /// Values that differ when the relay runs with no file at all: a laptop demo
@@ -162,7 +165,7 @@ struct RawSettings {
     #[serde(default)]
     http: http::RawHttp,
     #[serde(default)]
-    admin: AdminSettings,
+    admin: http::RawAdmin,
     #[serde(default)]
     auth: auth::RawAuth,
     #[serde(default)]
@@ -312,7 +315,8 @@ impl Settings {
         raw.spool.validate()?;
         let log = raw.log.validate()?;
         let (auth, using_dev_secret) = raw.auth.resolve(embedded)?;
-        let taken = [http.listen, raw.admin.listen];
+        let admin = raw.admin.validate()?;
+        let taken = [http.listen, admin.listen];
         let (api, sendtalk) = crate::api::settings::check(raw.api, raw.sendtalk, &taken)?;
         let worst = worst_case_pipeline(amqp.confirm_timeout, api.enabled);
         if dedup.lease <= worst {
@@ -338,7 +342,7 @@ impl Settings {
         Ok(Settings {
             sink: raw.sink,
             http,
-            admin: raw.admin,
+            admin,
             auth,
             webhook,
             dedup,

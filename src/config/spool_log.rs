@@ -27,7 +27,20 @@ pub struct SpoolSettings {
     pub dir: PathBuf,
     /// Greater than zero when the spool is enabled.
     pub max_bytes: u64,
+    /// `spool.max_attempts`: refusals before an entry is dead; 0 = no limit.
+    pub max_attempts: u32,
+    /// `spool.max_age_secs`: age at which an entry is dead; 0 = no limit.
+    pub max_age_secs: u64,
 }
+
+/// Twenty refusals with the drainer's backoff (1 s doubling to 60 s) is
+/// about a quarter of an hour of a queue refusing: long enough to ride out
+/// a binding being redeployed, short enough that a nacking queue beside a
+/// healthy one does not receive a copy a minute for ever.
+const DEFAULT_MAX_ATTEMPTS: u32 = 20;
+/// The dedup window's default: an event older than that could no longer be
+/// recognised as a duplicate anyway.
+const DEFAULT_MAX_AGE_SECS: u64 = 604_800;
 
 impl Default for SpoolSettings {
     fn default() -> Self {
@@ -35,6 +48,19 @@ impl Default for SpoolSettings {
             enabled: true,
             dir: PathBuf::from("./data/spool"),
             max_bytes: DEFAULT_SPOOL_MAX_BYTES,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            max_age_secs: DEFAULT_MAX_AGE_SECS,
+        }
+    }
+}
+
+impl SpoolSettings {
+    /// What the spool itself is told.
+    pub fn limits(&self) -> crate::spool::Limits {
+        crate::spool::Limits {
+            max_bytes: self.max_bytes,
+            max_attempts: self.max_attempts,
+            max_age: (self.max_age_secs > 0).then(|| Duration::from_secs(self.max_age_secs)),
         }
     }
 }

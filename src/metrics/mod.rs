@@ -146,6 +146,12 @@ pub struct Metrics {
     pub unroutable: IntCounter,
     /// `spool_errors_total`: the spool, through [`Metrics::spool`].
     pub spool_errors: IntCounter,
+    /// `spool_dead`: the spool, through [`Metrics::spool`].
+    pub spool_dead: IntGauge,
+    /// `spool_dead_total`: the spool, through [`Metrics::spool`].
+    pub spool_dead_total: IntCounter,
+    /// `spool_oldest_age_seconds`: the spool, through [`Metrics::spool`].
+    pub spool_oldest_age: IntGauge,
     /// `rate_limited_total`: the webhook route, when it refuses a request
     /// before reading its body (such a request is not in `webhooks_total`).
     pub rate_limited: IntCounter,
@@ -294,6 +300,18 @@ impl Metrics {
                 "spool_errors_total",
                 "Spool appends and removals refused by a storage error (disk full, read-only, EIO).",
             ),
+            spool_dead: gauge(
+                "spool_dead",
+                "Spooled events no longer retried by themselves (refused spool.max_attempts times or older than spool.max_age_secs); they wait for an operator.",
+            ),
+            spool_dead_total: counter(
+                "spool_dead_total",
+                "Spooled events that became dead.",
+            ),
+            spool_oldest_age: gauge(
+                "spool_oldest_age_seconds",
+                "Age of the oldest event in the spool (0 when empty).",
+            ),
             rate_limited: counter(
                 "rate_limited_total",
                 "Requests refused with 429 by the per-client rate limit (not in webhooks_total).",
@@ -325,6 +343,9 @@ impl Metrics {
             Box::new(metrics.dedup_commit_failed.clone()),
             Box::new(metrics.unroutable.clone()),
             Box::new(metrics.spool_errors.clone()),
+            Box::new(metrics.spool_dead.clone()),
+            Box::new(metrics.spool_dead_total.clone()),
+            Box::new(metrics.spool_oldest_age.clone()),
             Box::new(metrics.rate_limited.clone()),
             Box::new(metrics.api_requests.clone()),
             Box::new(metrics.sendtalk_requests.clone()),
@@ -358,6 +379,9 @@ impl Metrics {
             depth: self.spool_depth.clone(),
             bytes: self.spool_bytes.clone(),
             errors: self.spool_errors.clone(),
+            dead: self.spool_dead.clone(),
+            dead_total: self.spool_dead_total.clone(),
+            oldest_age: self.spool_oldest_age.clone(),
         }
     }
 

@@ -135,6 +135,11 @@ impl AmqpPublisher {
         result
     }
 
+    /// The routing key `envelope` is published with.
+    pub fn routing_key(&self, envelope: &Envelope) -> String {
+        self.inner.settings.routing_key.render(&envelope.status)
+    }
+
     fn millis_since_epoch(&self) -> u64 {
         u64::try_from(self.inner.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }

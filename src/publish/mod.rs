@@ -97,6 +97,20 @@ impl Sink {
         }
     }
 
+    /// The routing key `envelope` is published with.
+    pub fn routing_key(&self, envelope: &Envelope) -> String {
+        match self {
+            Sink::Amqp(p) => p.routing_key(envelope),
+            Sink::Stdout(s) => s.routing_key(envelope),
+        }
+    }
+
+    /// The AMQP properties and headers `envelope` is published with, as
+    /// JSON (for an operator looking at a spooled event).
+    pub fn message_properties(envelope: &Envelope) -> serde_json::Value {
+        properties::describe(envelope)
+    }
+
     /// True when a publish has a chance of being confirmed right now.
     pub fn is_available(&self) -> bool {
         match self {

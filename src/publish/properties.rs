@@ -45,6 +45,32 @@ pub(super) fn properties(envelope: &Envelope) -> BasicProperties {
         .with_headers(headers)
 }
 
+/// [`properties`] as JSON, field for field: what an operator is shown of a
+/// spooled event (SPEC 5.1), so it cannot drift from what is published.
+pub(super) fn describe(envelope: &Envelope) -> serde_json::Value {
+    let p = properties(envelope);
+    let text = |s: &Option<ShortString>| s.as_ref().map(|s| s.as_str().to_string());
+    let headers: serde_json::Map<String, serde_json::Value> = p
+        .headers()
+        .as_ref()
+        .map(|h| {
+            h.inner()
+                .iter()
+                .filter_map(|(k, v)| Some((k.as_str().to_string(), super::header_text(v)?.into())))
+                .collect()
+        })
+        .unwrap_or_default();
+    serde_json::json!({
+        "contentType": text(p.content_type()),
+        "deliveryMode": p.delivery_mode(),
+        "messageId": text(p.message_id()),
+        "timestamp": p.timestamp(),
+        "type": text(p.kind()),
+        "appId": text(p.app_id()),
+        "headers": headers,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,6 +90,15 @@ mod tests {
         );
         assert_eq!(*p.timestamp(), Some(1_692_847_205));
         assert_eq!(p.app_id().as_ref().unwrap().as_str(), "sendtalk-relay");
+    }
+
+    #[test]
+    fn the_description_shows_what_is_published() {
+        let d = describe(&envelope());
+        assert_eq!(d["type"], "sendtalk.verification.verified");
+        assert_eq!(d["deliveryMode"], 2);
+        assert_eq!(d["headers"]["x-dedup"], "checked");
+        assert_eq!(d["headers"]["x-received-at"], "2023-08-24T03:20:05.385Z");
     }
 
     #[test]

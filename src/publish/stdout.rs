@@ -19,6 +19,11 @@ impl StdoutSink {
         Self { routing_key }
     }
 
+    /// The routing key `envelope` would be published with.
+    pub fn routing_key(&self, envelope: &Envelope) -> String {
+        self.routing_key.render(&envelope.status)
+    }
+
     pub(super) fn publish(&self, envelope: &Envelope) -> Result<(), PublishError> {
         use std::io::Write as _;
         let body: serde_json::Value = serde_json::from_slice(&envelope.body).unwrap_or_else(|_| {
@@ -36,7 +41,7 @@ impl StdoutSink {
             headers["x-phone-match"] = matched.to_string().into();
         }
         let line = serde_json::json!({
-            "routing_key": self.routing_key.render(&envelope.status),
+            "routing_key": self.routing_key(envelope),
             "message_id": envelope.message_id,
             "type": envelope.message_type(),
             "headers": headers,

@@ -21,12 +21,16 @@ pub struct AdminState {
     pub spool: Option<Spool>,
     /// Cleared when shutdown begins; owned by `startup`.
     pub accepting: Arc<AtomicBool>,
+    /// `admin.tokens` and `admin.token_files`: the spool operations exist
+    /// only when there is at least one (SPEC 5.1).
+    pub tokens: Vec<secrecy::SecretString>,
 }
 
 impl std::fmt::Debug for AdminState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AdminState")
             .field("accepting", &self.accepting)
+            .field("tokens", &self.tokens.len())
             .finish_non_exhaustive()
     }
 }
@@ -61,6 +65,9 @@ pub async fn readyz(state: web::Data<AdminState>) -> HttpResponse {
 
 /// The Prometheus text exposition of the app's registry.
 pub async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
+    if let Some(spool) = &state.spool {
+        spool.refresh_age();
+    }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(state.metrics.render())

@@ -1,4 +1,7 @@
-//! HTTP routes: the public webhook endpoint and the admin endpoints.
+//! HTTP routes: the public webhook endpoint, the admin endpoints and the
+//! spool operations on the admin listener.
 
 pub mod admin;
+pub mod bearer;
+pub mod spool;
 pub mod webhook;

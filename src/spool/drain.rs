@@ -145,6 +145,10 @@ impl Spool {
                 }
                 for (seq, envelope) in batch {
                     cursor = seq + 1;
+                    if !self.take(seq) {
+                        // An operator is dropping it.
+                        continue;
+                    }
                     publishing += 1;
                     work.push(Box::pin(async move {
                         let result = sink.publish(&envelope).await;
@@ -167,13 +171,17 @@ impl Spool {
             match done {
                 Done::Published(seq, envelope, result) => {
                     publishing -= 1;
+                    if result.is_err() {
+                        self.release(&[seq]);
+                    }
                     match result {
                         // Dropped too: the configuration lets it go.
                         Ok(_) => confirmed.push(seq),
                         Err(error @ (PublishError::Unroutable | PublishError::Nack)) => {
-                            let wait = self.back_off(seq);
                             settled += 1;
-                            tracing::warn!(message_id = %envelope.message_id, %error, retry_in_secs = wait.as_secs(), "spooled event refused again; retrying later");
+                            if let Some(wait) = self.refused(seq, &envelope, &error) {
+                                tracing::warn!(message_id = %envelope.message_id, %error, retry_in_secs = wait.as_secs(), "spooled event refused again; retrying later");
+                            }
                         }
                         Err(PublishError::Unconfirmed(late)) => {
                             self.set_hold(seq, Hold::Pending);
@@ -189,6 +197,7 @@ impl Spool {
                 }
                 Done::Removed(result, batch) => {
                     removing = false;
+                    self.release(&batch);
                     match result {
                         Ok(()) => removed += batch.len(),
                         Err(e) => {
@@ -214,6 +223,23 @@ impl Spool {
                 Ok(removed + settled)
             }
             None => Ok(removed + settled),
+        }
+    }
+
+    /// Takes `seq` for publishing; false when an operator is dropping it.
+    fn take(&self, seq: u64) -> bool {
+        self.inner
+            .busy
+            .lock()
+            .is_ok_and(|mut busy| busy.insert(seq))
+    }
+
+    /// Gives entries back once published and removed, or refused.
+    pub(super) fn release(&self, seqs: &[u64]) {
+        if let Ok(mut busy) = self.inner.busy.lock() {
+            for seq in seqs {
+                busy.remove(seq);
+            }
         }
     }
 

@@ -4,7 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use super::Spool;
+use tokio::sync::oneshot;
+
+use super::store::{Command, Meta};
+use super::{now_ms, Spool, SpoolError};
+use crate::message::Envelope;
 use crate::publish::{LateConfirm, PublishError};
 
 /// First wait before a refused entry is retried; doubles per refusal.
@@ -19,8 +23,8 @@ pub enum Spooled {
     /// soon as it is available again.
     BrokerUnavailable,
     /// The broker refused it (nack, or returned as unroutable): retry after
-    /// a backoff.
-    Refused,
+    /// a backoff. Carries what the broker said.
+    Refused(String),
     /// Sent but not confirmed: wait for the broker's late answer first.
     Unconfirmed(LateConfirm),
 }
@@ -30,24 +34,32 @@ impl Spooled {
     pub fn after(error: PublishError) -> Self {
         match error {
             PublishError::Unconfirmed(late) => Spooled::Unconfirmed(late),
-            PublishError::Nack | PublishError::Unroutable => Spooled::Refused,
+            error @ (PublishError::Nack | PublishError::Unroutable) => {
+                Spooled::Refused(error.to_string())
+            }
             _ => Spooled::BrokerUnavailable,
         }
     }
 
-    /// The late confirm to wait for, if any, and the hold the entry starts
-    /// with (none: drained at once).
-    pub(super) fn hold(self) -> (Option<LateConfirm>, Option<Hold>) {
+    /// The late confirm to wait for, if any, the hold the entry starts
+    /// with (none: drained at once) and its first meta (a live refusal is
+    /// its first attempt).
+    pub(super) fn hold(self) -> (Option<LateConfirm>, Option<Hold>, Option<Meta>) {
         match self {
-            Spooled::BrokerUnavailable => (None, None),
-            Spooled::Refused => (
+            Spooled::BrokerUnavailable => (None, None, None),
+            Spooled::Refused(error) => (
                 None,
                 Some(Hold::RetryAt {
                     at: Instant::now() + RETRY_MIN,
                     attempts: 1,
                 }),
+                Some(Meta {
+                    attempts: 1,
+                    last_error: Some(error),
+                    ..Meta::default()
+                }),
             ),
-            Spooled::Unconfirmed(late) => (Some(late), Some(Hold::Pending)),
+            Spooled::Unconfirmed(late) => (Some(late), Some(Hold::Pending), None),
         }
     }
 }
@@ -59,16 +71,25 @@ pub(super) enum Hold {
     Pending,
     /// Refused `attempts` times; not before `at`.
     RetryAt { at: Instant, attempts: u32 },
+    /// Refused too often or too old: only an operator retries it (SPEC 5).
+    Dead,
 }
 
 impl Hold {
     /// True while the drainer must leave the entry alone.
     pub(super) fn holds_back(&self, now: Instant) -> bool {
         match self {
-            Hold::Pending => true,
+            Hold::Pending | Hold::Dead => true,
             Hold::RetryAt { at, .. } => *at > now,
         }
     }
+}
+
+/// The wait before the next try of an entry refused `attempts` times.
+fn backoff(attempts: u32) -> Duration {
+    RETRY_MIN
+        .saturating_mul(1u32 << attempts.saturating_sub(1).min(16))
+        .min(RETRY_MAX)
 }
 
 impl Spool {
@@ -86,27 +107,103 @@ impl Spool {
         }
     }
 
-    /// Records one more refusal of `seq` and returns the wait before the
-    /// next try.
-    pub(super) fn back_off(&self, seq: u64) -> Duration {
-        let Ok(mut holds) = self.inner.holds.lock() else {
-            return RETRY_MIN;
-        };
-        let attempts = match holds.get(&seq) {
+    /// The holds of entries an earlier run left with a meta: dead ones
+    /// stay dead, refused ones keep their attempts (retried soon, since
+    /// the broker may have changed meanwhile).
+    pub(super) fn restore_holds(&self, metas: &[(u64, Meta)]) {
+        for (seq, meta) in metas {
+            if meta.dead {
+                self.set_hold(*seq, Hold::Dead);
+            } else if meta.attempts > 0 {
+                let at = Instant::now() + RETRY_MIN;
+                let attempts = meta.attempts;
+                self.set_hold(*seq, Hold::RetryAt { at, attempts });
+            }
+        }
+    }
+
+    /// Records one more refusal of `seq` (persisted with what the broker
+    /// said) and returns the wait before the next try, or `None` when the
+    /// entry is now dead (`spool.max_attempts`).
+    pub(super) fn refused(
+        &self,
+        seq: u64,
+        envelope: &Envelope,
+        error: &PublishError,
+    ) -> Option<Duration> {
+        let attempts = match self.inner.holds.lock().ok()?.get(&seq) {
             Some(Hold::RetryAt { attempts, .. }) => attempts + 1,
             _ => 1,
         };
-        let wait = RETRY_MIN
-            .saturating_mul(1u32 << (attempts - 1).min(16))
-            .min(RETRY_MAX);
-        holds.insert(
+        let meta = Meta {
+            attempts,
+            last_error: Some(error.to_string()),
+            ..Meta::default()
+        };
+        let max = self.inner.max_attempts;
+        if max > 0 && attempts >= max {
+            self.die(seq, envelope, meta, "refused spool.max_attempts times");
+            return None;
+        }
+        let wait = backoff(attempts);
+        self.set_hold(
             seq,
             Hold::RetryAt {
                 at: Instant::now() + wait,
                 attempts,
             },
         );
-        wait
+        self.mark(seq, meta);
+        Some(wait)
+    }
+
+    /// Makes `seq` dead: kept, counted, and left alone by the drainer.
+    pub(super) fn die(&self, seq: u64, envelope: &Envelope, mut meta: Meta, why: &str) {
+        tracing::warn!(
+            key = seq,
+            verification_id = envelope.verification_id(),
+            attempts = meta.attempts,
+            last_error = meta.last_error.as_deref().unwrap_or(""),
+            why,
+            "spool entry is dead: no longer retried until an operator retries or drops it"
+        );
+        meta.dead = true;
+        if meta.last_error.is_none() {
+            meta.last_error = Some(why.to_string());
+        }
+        self.set_hold(seq, Hold::Dead);
+        self.mark(seq, meta);
+    }
+
+    /// Persists `meta` for `seq` without waiting: the hold already acts on
+    /// it; the store keeps it across restarts and counts dead entries.
+    fn mark(&self, seq: u64, meta: Meta) {
+        let (done, _ignored) = oneshot::channel();
+        let _ = self.inner.commands.send(Command::Mark { seq, meta, done });
+    }
+
+    /// Persists `meta` for `seq` and waits for the fsync.
+    pub(super) async fn mark_durably(&self, seq: u64, meta: Meta) -> Result<(), SpoolError> {
+        let (done, wait) = oneshot::channel();
+        self.send(Command::Mark { seq, meta, done }, wait).await
+    }
+
+    /// An operator's retry: `seq` is attempted at once, its attempts reset
+    /// and its age counted from now.
+    pub(super) async fn revive(&self, seq: u64) -> Result<(), SpoolError> {
+        let meta = Meta {
+            age_from_ms: Some(now_ms()),
+            ..Meta::default()
+        };
+        self.mark_durably(seq, meta).await?;
+        self.clear_hold(seq);
+        self.inner.appended.notify_one();
+        Ok(())
+    }
+
+    /// The hold of `seq`, if it has one.
+    pub(super) fn hold_of(&self, seq: u64) -> Option<Hold> {
+        self.inner.holds.lock().ok()?.get(&seq).copied()
     }
 
     /// Waits in the background for the broker's late answer about `seq`:

@@ -19,9 +19,10 @@
 
 mod drain;
 mod holds;
+mod inspect;
 mod store;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -34,6 +35,9 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use crate::message::Envelope;
 use holds::Hold;
 pub use holds::Spooled;
+pub use inspect::{
+    list_stopped, Entry, EntryState, Found, OfflineError, Page, PageQuery, Summary, PAGE_MAX,
+};
 use store::{storage, Command, EVENTS, FILE_NAME};
 
 /// Longest an append may take, fsync included. Past it the webhook is
@@ -96,8 +100,14 @@ pub(crate) struct Shared {
     /// True while the disk reserve is released (see `store`): appends are
     /// refused so that the room it gave goes to draining.
     reserve_released: AtomicBool,
+    /// Dead entries stored, and the oldest entry's receive time (Unix ms,
+    /// 0 when empty): the store's counts too, written like `depth`.
+    dead: AtomicU64,
+    oldest_ms: AtomicU64,
     depth_gauge: IntGauge,
     bytes_gauge: IntGauge,
+    dead_gauge: IntGauge,
+    dead_total: IntCounter,
 }
 
 impl Shared {
@@ -116,12 +126,14 @@ impl Shared {
         }
     }
 
-    fn recover(&self, db: Arc<Database>, depth: u64, bytes: u64) {
+    fn recover(&self, db: Arc<Database>, counts: &store::Counts) {
         if let Ok(mut slot) = self.db.write() {
             *slot = Some(db);
         }
-        self.depth.store(depth, Ordering::Release);
-        self.bytes.store(bytes, Ordering::Release);
+        self.depth.store(counts.depth, Ordering::Release);
+        self.bytes.store(counts.bytes, Ordering::Release);
+        self.dead.store(counts.dead, Ordering::Release);
+        self.oldest_ms.store(counts.oldest_ms, Ordering::Release);
         self.update_gauges();
         self.failing.store(false, Ordering::Release);
     }
@@ -163,6 +175,9 @@ impl Shared {
         };
         apply(&self.depth, change.added, change.removed);
         apply(&self.bytes, change.added_bytes, change.removed_bytes);
+        apply(&self.dead, change.died, change.revived);
+        self.oldest_ms.store(change.oldest_ms, Ordering::Release);
+        self.dead_total.inc_by(change.died);
         self.update_gauges();
     }
 
@@ -170,6 +185,7 @@ impl Shared {
         let get = |v: &AtomicU64| i64::try_from(v.load(Ordering::Acquire)).unwrap_or(i64::MAX);
         self.depth_gauge.set(get(&self.depth));
         self.bytes_gauge.set(get(&self.bytes));
+        self.dead_gauge.set(get(&self.dead));
     }
 }
 
@@ -182,6 +198,35 @@ pub struct SpoolMetrics {
     pub bytes: IntGauge,
     /// `spool_errors_total`: appends and removals refused by a storage error.
     pub errors: IntCounter,
+    /// `spool_dead`: dead entries stored.
+    pub dead: IntGauge,
+    /// `spool_dead_total`: entries that became dead.
+    pub dead_total: IntCounter,
+    /// `spool_oldest_age_seconds`: set by [`Spool::refresh_age`].
+    pub oldest_age: IntGauge,
+}
+
+/// How much the spool may hold, and when a refused entry stops being
+/// retried by itself (SPEC 5).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// `spool.max_bytes`.
+    pub max_bytes: u64,
+    /// `spool.max_attempts`: refusals before an entry is dead; 0 = no limit.
+    pub max_attempts: u32,
+    /// `spool.max_age_secs`: age at which an entry is dead; `None` = no limit.
+    pub max_age: Option<Duration>,
+}
+
+impl Limits {
+    /// `max_bytes` and the documented defaults for dead entries.
+    pub fn bytes(max_bytes: u64) -> Self {
+        Self {
+            max_bytes,
+            max_attempts: 20,
+            max_age: Some(Duration::from_secs(604_800)),
+        }
+    }
 }
 
 /// Handle to the spool; cheap to clone.
@@ -198,11 +243,18 @@ struct Inner {
     /// hold exists before the drainer can see the entry.
     next_seq: AtomicU64,
     max_bytes: u64,
+    max_attempts: u32,
+    max_age: Option<Duration>,
     errors: IntCounter,
+    oldest_age: IntGauge,
     /// Wakes the drainer after an append or a released hold.
     appended: Notify,
     /// Holds by sequence number; an entry without one is drained at once.
     holds: Mutex<HashMap<u64, Hold>>,
+    /// Entries the drainer is publishing (until their removal or refusal)
+    /// or an operator is dropping: whoever takes an entry first has it, so
+    /// a dropped entry is never published.
+    busy: Mutex<HashSet<u64>>,
 }
 
 impl std::fmt::Debug for Spool {
@@ -216,12 +268,13 @@ impl std::fmt::Debug for Spool {
 
 impl Spool {
     /// Opens (or creates) the spool in `dir`, counting what is already there.
-    pub fn open(dir: &Path, max_bytes: u64, metrics: SpoolMetrics) -> Result<Self, SpoolError> {
+    pub fn open(dir: &Path, limits: Limits, metrics: SpoolMetrics) -> Result<Self, SpoolError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| storage(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join(FILE_NAME);
         let db = store::open(&path)?;
-        let (next_seq, depth, bytes) = store::count(&db)?;
+        let counts = store::count(&db)?;
+        let (depth, bytes) = (counts.depth, counts.bytes);
         let shared = Arc::new(Shared {
             db: RwLock::new(Some(Arc::new(db))),
             failing: AtomicBool::new(false),
@@ -233,8 +286,12 @@ impl Spool {
             // A missing reserve that cannot be written back while entries
             // wait means an earlier run released it on a full disk.
             reserve_released: AtomicBool::new(!store::ensure_reserve(&path) && depth > 0),
+            dead: AtomicU64::new(counts.dead),
+            oldest_ms: AtomicU64::new(counts.oldest_ms),
             depth_gauge: metrics.depth,
             bytes_gauge: metrics.bytes,
+            dead_gauge: metrics.dead,
+            dead_total: metrics.dead_total,
         });
         shared.update_gauges();
         let (tx, rx) = mpsc::unbounded_channel();
@@ -247,20 +304,49 @@ impl Spool {
             tracing::info!(
                 depth,
                 bytes,
-                "spool holds events from an earlier run; they will be drained"
+                dead = counts.dead,
+                "spool holds events from an earlier run; they will be drained (dead ones wait for an operator)"
             );
         }
-        Ok(Self {
+        let spool = Self {
             inner: Arc::new(Inner {
                 shared,
                 commands: tx,
-                next_seq: AtomicU64::new(next_seq),
-                max_bytes,
+                next_seq: AtomicU64::new(counts.next_seq),
+                max_bytes: limits.max_bytes,
+                max_attempts: limits.max_attempts,
+                max_age: limits.max_age,
                 errors: metrics.errors,
+                oldest_age: metrics.oldest_age,
                 appended: Notify::new(),
                 holds: Mutex::new(HashMap::new()),
+                busy: Mutex::new(HashSet::new()),
             }),
-        })
+        };
+        spool.restore_holds(&counts.metas);
+        spool.refresh_age();
+        Ok(spool)
+    }
+
+    /// Dead entries stored.
+    pub fn dead(&self) -> u64 {
+        self.inner.shared.dead.load(Ordering::Acquire)
+    }
+
+    /// Age of the oldest entry; zero when the spool is empty.
+    pub fn oldest_age(&self) -> Duration {
+        match self.inner.shared.oldest_ms.load(Ordering::Acquire) {
+            0 => Duration::ZERO,
+            oldest => Duration::from_millis(now_ms().saturating_sub(oldest)),
+        }
+    }
+
+    /// Sets `spool_oldest_age_seconds` from the store's oldest entry; the
+    /// admin listener calls it before each scrape, since an age grows with
+    /// no write to report it.
+    pub fn refresh_age(&self) {
+        let secs = i64::try_from(self.oldest_age().as_secs()).unwrap_or(i64::MAX);
+        self.inner.oldest_age.set(secs);
     }
 
     /// Entries stored.
@@ -326,12 +412,21 @@ impl Spool {
             });
         }
         let seq = self.inner.next_seq.fetch_add(1, Ordering::AcqRel);
-        let (late, hold) = why.hold();
+        let (late, hold, meta) = why.hold();
         if let Some(hold) = hold {
             self.set_hold(seq, hold);
         }
         let (done, wait) = oneshot::channel();
-        let write = self.send(Command::Append { seq, bytes, done }, wait);
+        let meta = meta.map(|m| m.encode());
+        let write = self.send(
+            Command::Append {
+                seq,
+                bytes,
+                meta,
+                done,
+            },
+            wait,
+        );
         // Past the bound the webhook is answered 503, but the write stays
         // queued and may still commit: it is then an ordinary entry, counted
         // by the writer and drained (at least once, never lost).
@@ -404,6 +499,12 @@ impl Spool {
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
             Err(e) => return Err(storage(e)),
         };
+        let metas = match txn.open_table(store::META) {
+            Ok(t) => Some(t),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(storage(e)),
+        };
+        let now_ms = now_ms();
         let mut out = Vec::new();
         for entry in table.range(from..).map_err(storage)? {
             let (k, v) = entry.map_err(storage)?;
@@ -413,7 +514,32 @@ impl Spool {
             }
             let raw = v.value();
             match serde_json::from_slice::<Envelope>(raw) {
-                Ok(env) => out.push((seq, env)),
+                Ok(env) => {
+                    if let Some(max_age) = self.inner.max_age {
+                        let meta = match &metas {
+                            Some(t) => t
+                                .get(seq)
+                                .map_err(storage)?
+                                .map(|m| store::Meta::decode(m.value())),
+                            None => None,
+                        };
+                        let born = meta
+                            .as_ref()
+                            .and_then(|m| m.age_from_ms)
+                            .unwrap_or(env.received_at_ms);
+                        let age = Duration::from_millis(now_ms.saturating_sub(born));
+                        if age > max_age {
+                            self.die(
+                                seq,
+                                &env,
+                                meta.unwrap_or_default(),
+                                "older than spool.max_age_secs",
+                            );
+                            continue;
+                        }
+                    }
+                    out.push((seq, env));
+                }
                 Err(e) => tracing::error!(seq, error = %e, "unreadable spool entry left in place"),
             }
             if out.len() >= limit {
@@ -433,6 +559,13 @@ impl Spool {
             Err(e) => Err(storage(e)),
         }
     }
+}
+
+/// Wall-clock time, Unix milliseconds (the entries' own clock).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

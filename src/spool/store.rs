@@ -24,6 +24,10 @@ use tokio::sync::{mpsc, oneshot};
 use super::{Shared, SpoolError};
 
 pub(super) const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+/// What the drainer learnt about an entry ([`Meta`] as JSON), under the
+/// entry's key; only entries the broker refused or an operator touched
+/// have one. Written and deleted in the same transactions as `EVENTS`.
+pub(super) const META: TableDefinition<u64, &[u8]> = TableDefinition::new("meta");
 /// A scratch table the recovery probe writes to and clears.
 const PROBE: TableDefinition<u8, &[u8]> = TableDefinition::new("probe");
 /// Bytes the recovery probe writes: a few typical events' worth, so a disk
@@ -70,17 +74,65 @@ pub(super) fn ensure_reserve(path: &Path) -> bool {
     true
 }
 
+/// An entry's refusals and state, kept beside it in the store so that a
+/// dead entry stays dead and an entry's attempts survive a restart (SPEC 5).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Meta {
+    /// Refusals (returns and nacks) since it was spooled or last retried by
+    /// an operator.
+    #[serde(default)]
+    pub(crate) attempts: u32,
+    /// What the broker said last time.
+    #[serde(default)]
+    pub(crate) last_error: Option<String>,
+    /// No longer retried by itself.
+    #[serde(default)]
+    pub(crate) dead: bool,
+    /// When an operator last retried it (Unix ms): its age for
+    /// `spool.max_age_secs` counts from then.
+    #[serde(default)]
+    pub(crate) age_from_ms: Option<u64>,
+}
+
+impl Meta {
+    pub(super) fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub(super) fn decode(raw: &[u8]) -> Meta {
+        serde_json::from_slice(raw).unwrap_or_default()
+    }
+}
+
+/// The one field of an entry the counts need: its age.
+#[derive(serde::Deserialize)]
+struct Stamp {
+    received_at_ms: u64,
+}
+
+/// The receive time of an encoded entry, 0 when it cannot be read.
+pub(super) fn received_at_ms(raw: &[u8]) -> u64 {
+    serde_json::from_slice::<Stamp>(raw).map_or(0, |s| s.received_at_ms)
+}
+
 /// A write for the writer thread.
 pub(super) enum Command {
-    /// Insert `bytes` under `seq`.
+    /// Insert `bytes` under `seq`, with its first `meta` if it has one.
     Append {
         seq: u64,
         bytes: Vec<u8>,
+        meta: Option<Vec<u8>>,
         done: oneshot::Sender<Result<(), SpoolError>>,
     },
-    /// Delete these entries.
+    /// Delete these entries (and their meta).
     Remove {
         seqs: Vec<u64>,
+        done: oneshot::Sender<Result<(), SpoolError>>,
+    },
+    /// Replace the meta of `seq`, if the entry is still there.
+    Mark {
+        seq: u64,
+        meta: Meta,
         done: oneshot::Sender<Result<(), SpoolError>>,
     },
 }
@@ -97,22 +149,50 @@ pub(super) fn open(path: &Path) -> Result<Database, SpoolError> {
         .map_err(|e| storage(format!("cannot open {}: {e}", path.display())))
 }
 
-/// Counts the stored entries: (next free sequence number, entries, bytes).
-pub(super) fn count(db: &Database) -> Result<(u64, u64, u64), SpoolError> {
-    let (mut next_seq, mut depth, mut bytes) = (0u64, 0u64, 0u64);
+/// What the store holds, counted from the file.
+#[derive(Debug, Default)]
+pub(super) struct Counts {
+    pub(super) next_seq: u64,
+    pub(super) depth: u64,
+    pub(super) bytes: u64,
+    pub(super) dead: u64,
+    /// Receive time of the oldest entry (Unix ms), 0 when empty.
+    pub(super) oldest_ms: u64,
+    /// Every entry's meta, for the drainer's holds.
+    pub(super) metas: Vec<(u64, Meta)>,
+}
+
+/// Counts the stored entries.
+pub(super) fn count(db: &impl ReadableDatabase) -> Result<Counts, SpoolError> {
+    let mut counts = Counts::default();
     let txn = db.begin_read().map_err(storage)?;
     let table = match txn.open_table(EVENTS) {
         Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok((0, 0, 0)),
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(counts),
         Err(e) => return Err(storage(e)),
     };
     for entry in table.iter().map_err(storage)? {
         let (k, v) = entry.map_err(storage)?;
-        next_seq = next_seq.max(k.value() + 1);
-        depth += 1;
-        bytes += v.value().len() as u64;
+        if counts.depth == 0 {
+            counts.oldest_ms = received_at_ms(v.value());
+        }
+        counts.next_seq = counts.next_seq.max(k.value() + 1);
+        counts.depth += 1;
+        counts.bytes += v.value().len() as u64;
     }
-    Ok((next_seq, depth, bytes))
+    match txn.open_table(META) {
+        Ok(meta) => {
+            for entry in meta.iter().map_err(storage)? {
+                let (k, v) = entry.map_err(storage)?;
+                let meta = Meta::decode(v.value());
+                counts.dead += u64::from(meta.dead);
+                counts.metas.push((k.value(), meta));
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(storage(e)),
+    }
+    Ok(counts)
 }
 
 /// Writes and clears a scratch entry: proof that commits work again.
@@ -175,7 +255,7 @@ pub(super) fn writer_loop(shared: &Shared, path: &Path, mut rx: mpsc::UnboundedR
             .iter()
             .map(|c| match c {
                 Command::Append { bytes, .. } => bytes.len() as u64,
-                Command::Remove { .. } => 0,
+                Command::Remove { .. } | Command::Mark { .. } => 0,
             })
             .sum();
         if let Ok(change) = &result {
@@ -201,7 +281,9 @@ pub(super) fn writer_loop(shared: &Shared, path: &Path, mut rx: mpsc::UnboundedR
         }
         for command in group {
             let (done, answer) = match command {
-                Command::Append { done, .. } | Command::Remove { done, .. } => {
+                Command::Append { done, .. }
+                | Command::Remove { done, .. }
+                | Command::Mark { done, .. } => {
                     let answer = match &result {
                         Ok(_) => Ok(()),
                         Err(SpoolError::Failing) => Err(SpoolError::Failing),
@@ -222,6 +304,11 @@ pub(super) struct Change {
     pub(super) added_bytes: u64,
     pub(super) removed: u64,
     pub(super) removed_bytes: u64,
+    /// Entries that became dead, and dead entries retried or removed.
+    pub(super) died: u64,
+    pub(super) revived: u64,
+    /// Receive time of the oldest entry after the commit, 0 when empty.
+    pub(super) oldest_ms: u64,
 }
 
 /// Commits a group in one transaction and says what it really changed: an
@@ -232,13 +319,28 @@ fn commit(db: &Database, group: &[Command]) -> Result<Change, SpoolError> {
     let txn = db.begin_write().map_err(storage)?;
     {
         let mut table = txn.open_table(EVENTS).map_err(storage)?;
+        let mut metas = txn.open_table(META).map_err(storage)?;
+        // Only a dead meta changes a count when it goes.
+        let drop_meta = |metas: &mut redb::Table<u64, &[u8]>, seq: u64| {
+            let was_dead = metas
+                .remove(seq)
+                .map_err(storage)?
+                .is_some_and(|old| Meta::decode(old.value()).dead);
+            Ok::<bool, SpoolError>(was_dead)
+        };
         for command in group {
             match command {
-                Command::Append { seq, bytes, .. } => {
+                Command::Append {
+                    seq, bytes, meta, ..
+                } => {
                     let old = table.insert(*seq, bytes.as_slice()).map_err(storage)?;
                     if let Some(old) = old {
                         change.removed += 1;
                         change.removed_bytes += old.value().len() as u64;
+                    }
+                    change.revived += u64::from(drop_meta(&mut metas, *seq)?);
+                    if let Some(meta) = meta {
+                        metas.insert(*seq, meta.as_slice()).map_err(storage)?;
                     }
                     change.added += 1;
                     change.added_bytes += bytes.len() as u64;
@@ -249,10 +351,29 @@ fn commit(db: &Database, group: &[Command]) -> Result<Change, SpoolError> {
                             change.removed += 1;
                             change.removed_bytes += old.value().len() as u64;
                         }
+                        change.revived += u64::from(drop_meta(&mut metas, *seq)?);
+                    }
+                }
+                Command::Mark { seq, meta, .. } => {
+                    if table.get(*seq).map_err(storage)?.is_none() {
+                        continue;
+                    }
+                    let was_dead = drop_meta(&mut metas, *seq)?;
+                    metas
+                        .insert(*seq, meta.encode().as_slice())
+                        .map_err(storage)?;
+                    match (was_dead, meta.dead) {
+                        (false, true) => change.died += 1,
+                        (true, false) => change.revived += 1,
+                        _ => {}
                     }
                 }
             }
         }
+        change.oldest_ms = table
+            .first()
+            .map_err(storage)?
+            .map_or(0, |(_, v)| received_at_ms(v.value()));
     }
     txn.commit().map_err(storage)?;
     Ok(change)
@@ -283,8 +404,9 @@ fn try_reopen(shared: &Shared, path: &Path, last: &mut Instant) {
         other => other,
     };
     match reopened {
-        Ok((db, (_, depth, bytes))) => {
-            shared.recover(Arc::new(db), depth, bytes);
+        Ok((db, counts)) => {
+            let depth = counts.depth;
+            shared.recover(Arc::new(db), &counts);
             tracing::info!(depth, "spool store reopened; writes work again");
         }
         Err(e) => tracing::debug!(error = %e, "spool store still failing"),

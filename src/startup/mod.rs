@@ -173,6 +173,7 @@ impl Application {
             sink: sink.clone(),
             spool: spool.clone(),
             accepting: accepting.clone(),
+            tokens: settings.admin.tokens.clone(),
         });
 
         let webhook = servers::webhook(&settings, relay)?;
@@ -295,7 +296,7 @@ fn open_spool(
     }
     let spool = Spool::open(
         &settings.spool.dir,
-        settings.spool.max_bytes,
+        settings.spool.limits(),
         metrics.spool(),
     )
     .with_context(|| {

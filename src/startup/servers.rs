@@ -12,6 +12,7 @@ use anyhow::Context as _;
 
 use crate::config::{ServerTls, Settings};
 use crate::routes::admin::{self, AdminState};
+use crate::routes::spool;
 use crate::routes::webhook::{self, Relay};
 
 /// Headers must arrive within this; slow-loris connections are cut.
@@ -60,7 +61,8 @@ pub(super) fn webhook(settings: &Settings, relay: web::Data<Relay>) -> anyhow::R
     Ok(Bound { addr, server })
 }
 
-/// `admin.listen`: liveness, readiness and metrics, on one worker.
+/// `admin.listen`: liveness, readiness, metrics and the spool operations,
+/// on one worker.
 pub(super) fn admin(settings: &Settings, state: web::Data<AdminState>) -> anyhow::Result<Bound> {
     let (listener, addr) = bind(settings.admin.listen, "admin.listen")?;
     let server = HttpServer::new(move || {
@@ -69,6 +71,22 @@ pub(super) fn admin(settings: &Settings, state: web::Data<AdminState>) -> anyhow
             .route("/healthz", web::get().to(admin::healthz))
             .route("/readyz", web::get().to(admin::readyz))
             .route("/metrics", web::get().to(admin::metrics))
+            .service(
+                web::resource("/spool")
+                    .route(web::get().to(spool::list))
+                    .default_service(web::to(spool::method_not_allowed)),
+            )
+            .service(
+                web::resource("/spool/{key}")
+                    .route(web::get().to(spool::show))
+                    .route(web::delete().to(spool::drop_entry))
+                    .default_service(web::to(spool::method_not_allowed)),
+            )
+            .service(
+                web::resource("/spool/{key}/retry")
+                    .route(web::post().to(spool::retry))
+                    .default_service(web::to(spool::method_not_allowed)),
+            )
     })
     .workers(1)
     .listen(listener)

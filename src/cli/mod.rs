@@ -1,5 +1,8 @@
-//! The command-line helpers that act as a sender: `sign` prints the headers
-//! for a body, `send-test` posts a freshly signed sample event.
+//! The command-line helpers: those that act as a sender (`sign` prints the
+//! headers for a body, `send-test` posts a freshly signed sample event),
+//! `healthcheck`, and the operator's [`spool`] commands.
+
+pub mod spool;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -97,11 +100,7 @@ pub fn default_url(settings: &Settings) -> String {
 /// `GET /healthz` on the admin listener of `settings`, with an unspecified
 /// address replaced by loopback (SPEC 8).
 pub fn healthz_url(settings: &Settings) -> String {
-    let mut addr = settings.admin.listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
-    format!("http://{addr}/healthz")
+    format!("{}/healthz", spool::admin_base(settings))
 }
 
 /// Longest `healthcheck` waits for the answer.
