@@ -630,6 +630,10 @@ async fn nemesis() {
     let class = |f: &Fault| format!("{f:?}").split('(').next().unwrap().to_string();
     let mut doubles_by_fault: HashMap<String, usize> = HashMap::new();
     let mut doubles_budgeted = 0usize;
+    // Where the budgeted doubles come from, to tell a hole from the
+    // at-least-once copies of a fault.
+    let mut budgeted_by_fault: HashMap<String, usize> = HashMap::new();
+    let mut budgeted_by_answer: HashMap<String, usize> = HashMap::new();
     for id in &doubles {
         let Some(s) = by_id.get(id.as_str()) else {
             continue;
@@ -641,6 +645,14 @@ async fn nemesis() {
             .collect();
         if !classes.contains("NackingQueue") {
             doubles_budgeted += 1;
+            let answer = match s.status {
+                Some(code) => format!("{code} {}", s.result),
+                None => "no answer".into(),
+            };
+            *budgeted_by_answer.entry(answer).or_insert(0) += 1;
+            for c in &classes {
+                *budgeted_by_fault.entry(c.clone()).or_insert(0) += 1;
+            }
         }
         for c in classes {
             *doubles_by_fault.entry(c).or_insert(0) += 1;
@@ -666,6 +678,7 @@ async fn nemesis() {
     eprintln!(
         "NEMESIS seed={seed} secs={secs} sent={} 2xx={two_xx} 200={} 202={} 503={} other={} no_answer={} \
          lost={} returned_answered_published={} doubles={} doubles_not_nacked={doubles_budgeted} doubles_outside_faults={} doubles_by_fault={doubles_by_fault:?} \
+         not_nacked_by_fault={budgeted_by_fault:?} not_nacked_by_answer={budgeted_by_answer:?} \
          ready_after={ready_after:?} spool_depth_after={depth_after:?} rss_kb={rss:?} faults={applied:?}",
         sent.len(),
         count(200),

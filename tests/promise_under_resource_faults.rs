@@ -85,6 +85,114 @@ async fn a_blocked_broker_spools_at_once_and_publishes_nothing_twice() {
     assert_eq!(app.metric("sendtalk_relay_amqp_connected").await, Some(1.0));
 }
 
+/// Issue 16, finding 6: publishes in flight when the broker blocks the
+/// connection, with a confirm timeout short enough that their deadline
+/// passes while blocked, routable and unroutable ones mixed under
+/// concurrency. A publish the client library has taken is never abandoned:
+/// it stays tracked until the broker decides it, so after the alarm no
+/// unroutable event was answered 200, every routable one arrives exactly
+/// once, and every unroutable one arrives once a queue takes its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn publishes_in_flight_at_a_block_are_decided_by_the_broker_not_by_a_timer() {
+    use futures_util::StreamExt as _;
+    let node = PrivateRabbit::start().await;
+    let mut options = Options::default()
+        .env("AMQP__URI", node.amqp_uri())
+        .env("AMQP__CONFIRM_TIMEOUT_MS", "1000")
+        .env("WEBHOOK__ACCEPTED_STATUSES", "verified,failed");
+    options.no_consumer = true;
+    let app = spawn_app_with(options).await;
+    let mut verified =
+        TestConsumer::bind_on(&node.amqp_uri(), &app.exchange, "verification.verified").await;
+
+    let ids: Vec<(String, &str)> = (0..400)
+        .map(|i| {
+            let status = if i % 2 == 0 { "verified" } else { "failed" };
+            (unique(&format!("blk-{status}")), status)
+        })
+        .collect();
+    let alarm = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        node.set_memory_alarm(true);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        node.set_memory_alarm(false);
+    };
+    let send = futures_util::stream::iter(ids.iter())
+        .map(|(id, status)| {
+            let app = &app;
+            async move {
+                let body = format!(
+                    r#"{{"id":"{id}","userPhone":"{PHONE}","status":"{status}","verifiedTime":{}}}"#,
+                    now_ms()
+                );
+                let a = app.post(&body).await;
+                // Paced so that the load spans the alarm.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                (id.clone(), *status, a.status, a.result().to_string())
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>();
+    let ((), answers) = tokio::join!(alarm, send);
+    let queued = answers.iter().filter(|a| a.2 == 202).count();
+    assert!(queued > 0, "some events met the block: {answers:?}");
+    for (id, status, code, result) in &answers {
+        assert!(*code == 200 || *code == 202, "{id}: {code} {result}");
+        if *status == "failed" {
+            assert_ne!(
+                result, "published",
+                "{id}: an unroutable event answered published"
+            );
+        }
+    }
+    let routable: Vec<&String> = answers
+        .iter()
+        .filter(|a| a.1 == "verified")
+        .map(|a| &a.0)
+        .collect();
+    let delivered = verified
+        .collect(
+            routable.len(),
+            Duration::from_secs(40),
+            Duration::from_secs(3),
+        )
+        .await;
+    let counts = id_counts(&delivered);
+    for id in &routable {
+        assert_eq!(
+            counts.get(*id),
+            Some(&1),
+            "{id} delivered {:?} times",
+            counts.get(*id)
+        );
+    }
+    // A queue for the other status: every unroutable event, once.
+    let unroutable: Vec<&String> = answers
+        .iter()
+        .filter(|a| a.1 == "failed")
+        .map(|a| &a.0)
+        .collect();
+    let mut failed =
+        TestConsumer::bind_on(&node.amqp_uri(), &app.exchange, "verification.failed").await;
+    let delivered = failed
+        .collect(
+            unroutable.len(),
+            Duration::from_secs(90),
+            Duration::from_secs(3),
+        )
+        .await;
+    let counts = id_counts(&delivered);
+    for id in &unroutable {
+        assert!(counts.contains_key(*id), "{id} never delivered");
+    }
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            app.spool.as_ref().unwrap().depth() == 0
+        })
+        .await
+    );
+}
+
 /// Issue 8, situation 2: with the broker cut and the spool's file system
 /// full, webhooks are answered 503 with the claim released, readiness is 503
 /// and `spool_errors_total` counts; once space is freed the spool reopens by
