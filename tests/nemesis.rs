@@ -30,6 +30,44 @@ use support::*;
 const CONFIRM_TIMEOUT_MS: u64 = 2000;
 /// How far a fault window reaches either side: an id whose request overlaps
 /// it was "in flight at a fault" and may be delivered twice.
+/// The replicas' admin token: the oracle retries dead entries as an
+/// operator would after the dead-entries alert.
+const ADMIN_TOKEN: &str = "nemesis-admin-token";
+
+/// Retries every dead entry of the replica at `admin` through the spool
+/// API (SPEC 5.1); returns how many.
+async fn retry_dead(client: &reqwest::Client, admin: &str) -> usize {
+    let mut retried = 0;
+    let mut after = String::new();
+    loop {
+        let page: serde_json::Value = client
+            .get(format!("{admin}/spool?state=dead&limit=1000{after}"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        for entry in page["entries"].as_array().unwrap() {
+            let key = entry["key"].as_str().unwrap();
+            let status = client
+                .post(format!("{admin}/spool/{key}/retry"))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .status();
+            assert_eq!(status.as_u16(), 202, "retry of dead entry {key}");
+            retried += 1;
+        }
+        match page["next"].as_str() {
+            Some(next) => after = format!("&after={next}"),
+            None => return retried,
+        }
+    }
+}
+
 const FAULT_REACH: Duration = Duration::from_millis(CONFIRM_TIMEOUT_MS + 1000);
 const RSS_LIMIT_KB: u64 = 200 * 1024;
 
@@ -130,6 +168,7 @@ impl Replica {
                 "verified,failed",
             )
             .env("SENDTALK_RELAY__SHUTDOWN__GRACE_SECS", "3")
+            .env("SENDTALK_RELAY__ADMIN__TOKENS", ADMIN_TOKEN)
             .env("SENDTALK_RELAY__LOG__LEVEL", "warn")
             .stdout(Stdio::null())
             .stderr(log)
@@ -584,6 +623,12 @@ async fn nemesis() {
         lapin::types::FieldTable::default(),
     )
     .await;
+    // Unroutable ids refused spool.max_attempts times are dead (SPEC 5):
+    // the operator's retry, now that a queue takes them.
+    let mut dead_retried = Vec::new();
+    for r in &replicas {
+        dead_retried.push(retry_dead(&client, &r.admin).await);
+    }
     let verified_seen = drain_queue(
         &admin_channel,
         &verified_q,
@@ -679,7 +724,7 @@ async fn nemesis() {
         "NEMESIS seed={seed} secs={secs} sent={} 2xx={two_xx} 200={} 202={} 503={} other={} no_answer={} \
          lost={} returned_answered_published={} doubles={} doubles_not_nacked={doubles_budgeted} doubles_outside_faults={} doubles_by_fault={doubles_by_fault:?} \
          not_nacked_by_fault={budgeted_by_fault:?} not_nacked_by_answer={budgeted_by_answer:?} \
-         ready_after={ready_after:?} spool_depth_after={depth_after:?} rss_kb={rss:?} faults={applied:?}",
+         dead_retried={dead_retried:?} ready_after={ready_after:?} spool_depth_after={depth_after:?} rss_kb={rss:?} faults={applied:?}",
         sent.len(),
         count(200),
         count(202),
