@@ -1,9 +1,10 @@
-//! Structured logging set-up (tracing-subscriber) and the masking helpers
-//! that keep personal data out of log lines.
+//! Structured logging set-up (tracing-subscriber), its settings (`[log]`,
+//! built by `config`), and the masking helpers that keep personal data out
+//! of log lines.
 
+use serde::{Deserialize, Serialize};
+use tracing_subscriber::filter::Directive;
 use tracing_subscriber::EnvFilter;
-
-use crate::config::{LogFormat, LogSettings};
 
 /// Installs the global subscriber, writing to standard error (standard output
 /// belongs to the `stdout` sink). `RUST_LOG`, when set, wins over `log.level`.
@@ -48,5 +49,85 @@ mod tests {
         assert_eq!(mask_phone("6281212345678"), "6281****678");
         assert_eq!(mask_phone("628124630350"), "6281****350");
         assert_eq!(mask_phone("12345"), "1****5");
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Multi-line, for people.
+    Pretty,
+}
+
+/// `[log]`, validated.
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    /// `log.format`.
+    pub format: LogFormat,
+    /// `log.level`, parsed.
+    pub filter: LogFilter,
+}
+
+/// `log.level`: a level or `RUST_LOG`-style directives (`info,lapin=warn`),
+/// parsed once when the settings load.
+#[derive(Debug, Clone)]
+pub struct LogFilter {
+    directives: Vec<Directive>,
+}
+
+impl LogFilter {
+    /// Parses comma-separated directives the way `EnvFilter` does.
+    pub fn parse(text: &str) -> Result<Self, tracing_subscriber::filter::ParseError> {
+        let directives = text
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::parse)
+            .collect::<Result<Vec<Directive>, _>>()?;
+        Ok(Self { directives })
+    }
+
+    /// The filter for the subscriber.
+    pub fn to_env_filter(&self) -> EnvFilter {
+        self.directives
+            .iter()
+            .cloned()
+            .fold(EnvFilter::default(), EnvFilter::add_directive)
+    }
+}
+
+impl std::fmt::Display for LogFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, directive) in self.directives.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{directive}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Replaces the password of `scheme://user:password@host` with `<redacted>`.
+pub fn redact_url_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let Some(at) = rest.rfind('@') else {
+        return url.to_string();
+    };
+    let userinfo = &rest[..at];
+    match userinfo.find(':') {
+        Some(colon) => format!(
+            "{}{}:{}{}",
+            &url[..scheme_end + 3],
+            &userinfo[..colon],
+            "<redacted>",
+            &rest[at..]
+        ),
+        None => url.to_string(),
     }
 }

@@ -5,6 +5,8 @@
 //! The only way to obtain an [`AuthenticatedBody`] is [`Verifier::verify`],
 //! so the payload parser cannot be handed bytes nobody checked.
 
+mod mode;
+
 use std::time::Duration;
 
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
@@ -15,7 +17,7 @@ use secrecy::{ExposeSecret, SecretBox, SecretString};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::AuthMode;
+pub use mode::AuthMode;
 
 type HmacSha256 = Hmac<Sha256>;
 

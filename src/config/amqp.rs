@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{BrokerUri, ConfigError, ExchangeName, ExchangeType, RoutingKey};
+use super::{BrokerUri, ConfigError, ExchangeName, RoutingKey};
+pub use crate::publish::settings::{AmqpSettings, OnUnroutable, QueueSettings};
 
 /// RabbitMQ normally confirms in milliseconds; 5 s only trips on a sick broker.
 const DEFAULT_CONFIRM_TIMEOUT_MS: u64 = 5_000;
@@ -28,16 +29,6 @@ impl OneOrMany {
             OneOrMany::Many(v) => v.clone(),
         }
     }
-}
-
-/// What happens to an event no queue is bound for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnUnroutable {
-    /// Spool it and retry, as for an unavailable broker.
-    Spool,
-    /// Acknowledge and drop it, with a warning.
-    Drop,
 }
 
 /// `[amqp]` as written.
@@ -86,43 +77,6 @@ struct RawQueue {
 
 fn default_binding_key() -> String {
     "verification.#".into()
-}
-
-/// `[amqp]`, validated: what the publisher and the stdout sink use.
-#[derive(Debug, Clone)]
-pub struct AmqpSettings {
-    /// The brokers, tried in order; at least one.
-    pub uris: Vec<BrokerUri>,
-    /// `amqp.exchange`, where events are published.
-    pub exchange: ExchangeName,
-    /// `amqp.exchange_type`, declared with the exchange.
-    pub exchange_type: ExchangeType,
-    /// `amqp.routing_key`, rendered per event status.
-    pub routing_key: RoutingKey,
-    /// Whether the relay declares the exchanges and queues on connecting.
-    pub declare: bool,
-    /// How long a publish waits for the broker's confirm; greater than zero.
-    pub confirm_timeout: Duration,
-    /// `amqp.on_unroutable`.
-    pub on_unroutable: OnUnroutable,
-    /// Where bodies that fail validation go; `None` drops them.
-    pub quarantine_exchange: Option<ExchangeName>,
-    /// `[[amqp.queues]]`, declared and bound when `declare` is set.
-    pub queues: Vec<QueueSettings>,
-}
-
-/// A queue the relay declares and binds for operators who want it to own the
-/// topology.
-#[derive(Debug, Clone)]
-pub struct QueueSettings {
-    /// Never empty.
-    pub name: String,
-    /// Bound to `amqp.exchange` with this key.
-    pub binding_key: String,
-    /// Declared as a quorum queue.
-    pub quorum: bool,
-    /// `x-dead-letter-exchange`, if any.
-    pub dead_letter_exchange: Option<ExchangeName>,
 }
 
 impl RawAmqp {
@@ -190,6 +144,7 @@ mod tests {
     use super::super::test_support::env;
     use super::super::Settings;
     use super::*;
+    use crate::publish::broker::ExchangeType;
 
     #[test]
     fn defaults_become_typed_values() {

@@ -8,6 +8,8 @@ use std::time::Duration;
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::{Deserialize, Serialize};
 
+pub use crate::dedup::OnUnavailable;
+
 use super::{redact_url_password, ConfigError};
 
 /// Seven days: long enough to cover every provider retry schedule we know.
@@ -24,16 +26,6 @@ pub enum DedupBackend {
     Redis,
     /// This process only.
     Memory,
-}
-
-/// What happens to a webhook while the dedup store is unreachable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnUnavailable {
-    /// Publish without the dedup check (counted as skipped).
-    Publish,
-    /// Answer 503 so the sender retries.
-    Reject,
 }
 
 /// `[dedup]` as written.

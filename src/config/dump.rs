@@ -19,27 +19,7 @@ use crate::api::settings::{RawApi, RawSendTalk};
 /// What a secret is printed as.
 const REDACTED: &str = "<redacted>";
 
-/// Replaces the password of `scheme://user:password@host` with `<redacted>`.
-pub fn redact_url_password(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_string();
-    };
-    let rest = &url[scheme_end + 3..];
-    let Some(at) = rest.rfind('@') else {
-        return url.to_string();
-    };
-    let userinfo = &rest[..at];
-    match userinfo.find(':') {
-        Some(colon) => format!(
-            "{}{}:{}{}",
-            &url[..scheme_end + 3],
-            &userinfo[..colon],
-            REDACTED,
-            &rest[at..]
-        ),
-        None => url.to_string(),
-    }
-}
+pub use crate::telemetry::redact_url_password;
 
 /// Serialises a list of secrets as as many `"<redacted>"`: the raw settings
 /// can be printed, their secrets never.

@@ -14,8 +14,9 @@
 //! - `http`: `[http]` and `[admin]`: listeners, trusted proxies, HTTPS.
 //! - `auth`: `[auth]` and `[webhook]`: the sender's secrets, accepted events.
 //! - `dedup`: `[dedup]` and `[redis]`: the dedup store and how Redis is found.
-//! - `amqp`: `[amqp]` and `[[amqp.queues]]`; `broker`: the AMQP values they
-//!   become (URIs, exchange names and kinds, the routing-key template).
+//! - `amqp`: `[amqp]` and `[[amqp.queues]]`, validated into
+//!   `publish::settings` with the AMQP values of `publish::broker` (URIs,
+//!   exchange names and kinds, the routing-key template).
 //! - `spool_log`: `[spool]`, `[log]` and `[shutdown]`.
 //! - `dump`: what `check-config` prints, and every key with its default.
 //!
@@ -24,7 +25,6 @@
 
 mod amqp;
 mod auth;
-mod broker;
 mod dedup;
 mod dump;
 mod http;
@@ -36,16 +36,19 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::auth::AuthMode;
+pub use crate::publish::broker::{BrokerUri, ExchangeName, ExchangeType, RoutingKey};
+pub use crate::ratelimit::IpNet;
+pub use crate::telemetry::{LogFilter, LogFormat, LogSettings};
 pub use amqp::{AmqpSettings, OnUnroutable, QueueSettings};
-pub use auth::{AuthMode, AuthSettings, WebhookSettings};
-pub use broker::{BrokerUri, ExchangeName, ExchangeType, RoutingKey};
+pub use auth::{AuthSettings, WebhookSettings};
 pub use dedup::{
     DedupBackend, DedupSettings, DedupStore, OnUnavailable, RedisMode, RedisSettings, RedisUrl,
 };
 pub use dump::{default_keys, redact_url_password};
 pub(crate) use dump::{redacted_secret, redacted_secrets};
-pub use http::{AdminSettings, HttpSettings, IpNet, ServerTls};
-pub use spool_log::{LogFilter, LogFormat, LogSettings, ShutdownSettings, SpoolSettings};
+pub use http::{AdminSettings, HttpSettings, ServerTls};
+pub use spool_log::{ShutdownSettings, SpoolSettings};
 
 use crate::api::settings::{ApiSettings, SendTalkSettings};
 

@@ -6,10 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tracing_subscriber::filter::Directive;
-use tracing_subscriber::EnvFilter;
 
 use super::ConfigError;
+use crate::telemetry::{LogFilter, LogFormat, LogSettings};
 
 /// 256 MiB holds over a million typical events: hours of a broker outage.
 const DEFAULT_SPOOL_MAX_BYTES: u64 = 268_435_456;
@@ -77,16 +76,6 @@ impl SpoolSettings {
     }
 }
 
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// One JSON object per line.
-    Json,
-    /// Multi-line, for people.
-    Pretty,
-}
-
 /// `[log]` as written.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -104,15 +93,6 @@ impl Default for RawLog {
     }
 }
 
-/// `[log]`, validated.
-#[derive(Debug, Clone)]
-pub struct LogSettings {
-    /// `log.format`.
-    pub format: LogFormat,
-    /// `log.level`, parsed.
-    pub filter: LogFilter,
-}
-
 impl RawLog {
     pub(super) fn validate(self) -> Result<LogSettings, ConfigError> {
         let filter = LogFilter::parse(&self.level).map_err(|_| {
@@ -122,45 +102,6 @@ impl RawLog {
             format: self.format,
             filter,
         })
-    }
-}
-
-/// `log.level`: a level or `RUST_LOG`-style directives (`info,lapin=warn`),
-/// parsed once when the settings load.
-#[derive(Debug, Clone)]
-pub struct LogFilter {
-    directives: Vec<Directive>,
-}
-
-impl LogFilter {
-    /// Parses comma-separated directives the way `EnvFilter` does.
-    pub fn parse(text: &str) -> Result<Self, tracing_subscriber::filter::ParseError> {
-        let directives = text
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(str::parse)
-            .collect::<Result<Vec<Directive>, _>>()?;
-        Ok(Self { directives })
-    }
-
-    /// The filter for the subscriber.
-    pub fn to_env_filter(&self) -> EnvFilter {
-        self.directives
-            .iter()
-            .cloned()
-            .fold(EnvFilter::default(), EnvFilter::add_directive)
-    }
-}
-
-impl std::fmt::Display for LogFilter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, directive) in self.directives.iter().enumerate() {
-            if i > 0 {
-                f.write_str(",")?;
-            }
-            write!(f, "{directive}")?;
-        }
-        Ok(())
     }
 }
 

@@ -21,10 +21,22 @@ mod redis;
 
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 use crate::payload::{Status, VerificationId, VerifiedTime};
 
 pub use memory::MemoryDedup;
 pub use redis::RedisDedup;
+
+/// What happens to a webhook while the dedup store is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnUnavailable {
+    /// Publish without the dedup check (counted as skipped).
+    Publish,
+    /// Answer 503 so the sender retries.
+    Reject,
+}
 
 /// How long one Redis command may take before the store counts as down: a
 /// webhook must not wait on a blackholed Redis longer than this.

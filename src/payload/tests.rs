@@ -1,7 +1,7 @@
 //! Unit tests of `payload`.
 use super::*;
+use crate::auth::AuthMode;
 use crate::auth::{sign, Verifier};
-use crate::config::AuthMode;
 use bytes::Bytes;
 use secrecy::SecretString;
 

@@ -18,10 +18,11 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::broker::BrokerUri;
 use super::link::{Attempt, Link, Outgoing, Route, Settled};
 use super::properties::properties;
+use super::settings::{AmqpSettings, OnUnroutable};
 use super::{topology, Delivered, PublishError};
-use crate::config::{AmqpSettings, BrokerUri, OnUnroutable};
 use crate::message::Envelope;
 
 /// First reconnect delay; doubles up to [`RECONNECT_MAX`], with jitter so

@@ -13,9 +13,11 @@
 //! the broker blocks publishing is an error the caller answers by spooling.
 
 pub mod amqp;
+pub mod broker;
 mod lane;
 mod link;
 mod properties;
+pub mod settings;
 pub mod stdout;
 mod topology;
 

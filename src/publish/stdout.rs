@@ -1,7 +1,7 @@
 //! The embedded demo sink: one JSON line per event on standard output, shaped
 //! like the AMQP message (routing key, properties, headers, body).
 
-use crate::config::RoutingKey;
+use super::broker::RoutingKey;
 use crate::message::Envelope;
 
 use super::PublishError;

@@ -7,7 +7,8 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ExchangeKind};
 
-use crate::config::{AmqpSettings, ExchangeName, QueueSettings};
+use super::broker::ExchangeName;
+use super::settings::{AmqpSettings, QueueSettings};
 
 /// Declares the exchanges and queues of `settings` (idempotent).
 pub async fn declare(channel: &Channel, settings: &AmqpSettings) -> Result<(), lapin::Error> {

@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::auth::{AuthError, AuthenticatedBody, Verifier};
-use crate::config::OnUnavailable;
+use crate::dedup::OnUnavailable;
 use crate::dedup::{Claim, Dedup, LeaseToken};
 use crate::message::{DedupMark, Envelope};
 use crate::metrics::{Metrics, Stage};

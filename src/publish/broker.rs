@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 use lapin::uri::AMQPUri;
 
-use super::redact_url_password;
+use crate::telemetry::redact_url_password;
 
 /// The kind of `amqp.exchange` (`amqp.exchange_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,7 +72,7 @@ impl ExchangeName {
     }
 
     /// Parses an optional name: empty means none.
-    pub(super) fn optional(name: &str) -> Option<Self> {
+    pub(crate) fn optional(name: &str) -> Option<Self> {
         Self::parse(name).ok()
     }
 
