@@ -5,10 +5,10 @@
 
 use std::time::Duration;
 
-use secrecy::{ExposeSecret as _, SecretString};
 use serde::{Deserialize, Serialize};
 
 pub use crate::dedup::OnUnavailable;
+pub use crate::redis_conn::{RedisMode, RedisSettings, RedisUrl};
 
 use super::{redact_url_password, ConfigError};
 
@@ -112,18 +112,6 @@ impl RawDedup {
     }
 }
 
-/// How the relay finds its Redis (SPEC 11).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RedisMode {
-    /// One server at `redis.url`.
-    Standalone,
-    /// Redis Cluster; `redis.urls` lists seed nodes.
-    Cluster,
-    /// A master watched by Sentinel; `redis.urls` lists the sentinels.
-    Sentinel,
-}
-
 /// `[redis]` as written.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -148,57 +136,14 @@ impl Default for RawRedis {
     }
 }
 
-/// `[redis]`, validated: only the keys the mode uses.
-#[derive(Debug, Clone)]
-pub enum RedisSettings {
-    /// One server (`redis.url`).
-    Standalone(RedisUrl),
-    /// Redis Cluster through these seed nodes (`redis.urls`, at least one).
-    Cluster(Vec<RedisUrl>),
-    /// The master the sentinels (`redis.urls`, at least one) know as
-    /// `service` (`redis.sentinel_service`).
-    Sentinel {
-        /// The sentinels, at least one.
-        sentinels: Vec<RedisUrl>,
-        /// The master the sentinels monitor.
-        service: String,
-    },
-}
-
-impl RedisSettings {
-    /// One server at `url` (`redis://`, `rediss://` or `unix://`), checked
-    /// as `redis.url` is.
-    pub fn standalone(url: &str) -> Result<Self, ConfigError> {
-        if !(url.starts_with("redis://")
-            || url.starts_with("rediss://")
-            || url.starts_with("unix://"))
-        {
-            return Err(ConfigError::new(
-                "redis.url",
-                "must start with redis://, rediss:// or unix://",
-            ));
-        }
-        if redis::Client::open(url).is_err() {
-            return Err(ConfigError::new("redis.url", "is not a valid Redis URL"));
-        }
-        Ok(Self::Standalone(RedisUrl::new(url)))
-    }
-
-    /// `redis.mode`.
-    pub fn mode(&self) -> RedisMode {
-        match self {
-            RedisSettings::Standalone(_) => RedisMode::Standalone,
-            RedisSettings::Cluster(_) => RedisMode::Cluster,
-            RedisSettings::Sentinel { .. } => RedisMode::Sentinel,
-        }
-    }
-}
-
 impl RawRedis {
     /// Checks the mode's own keys.
     fn validate(self) -> Result<RedisSettings, ConfigError> {
         let what = match self.mode {
-            RedisMode::Standalone => return RedisSettings::standalone(&self.url),
+            RedisMode::Standalone => {
+                return RedisSettings::standalone(&self.url)
+                    .map_err(|e| ConfigError::new("redis.url", e));
+            }
             RedisMode::Cluster => "cluster seed node",
             RedisMode::Sentinel => "sentinel",
         };
@@ -242,46 +187,6 @@ impl RawRedis {
         crate::redis_conn::RedisConnections::check(&settings)
             .map_err(|e| ConfigError::new("redis.urls", e.to_string()))?;
         Ok(settings)
-    }
-}
-
-/// A Redis URL as configured. It may carry a password, so it is held as a
-/// secret and shown (`Display`, `Debug`) with the password redacted.
-#[derive(Clone)]
-pub struct RedisUrl {
-    url: SecretString,
-    redacted: String,
-}
-
-impl RedisUrl {
-    fn new(url: &str) -> Self {
-        Self {
-            url: SecretString::from(url),
-            redacted: redact_url_password(url),
-        }
-    }
-
-    /// The URL with its password, for the Redis client only.
-    pub fn expose(&self) -> &str {
-        self.url.expose_secret()
-    }
-
-    /// True for `rediss://` (TLS).
-    pub fn is_tls(&self) -> bool {
-        self.expose().starts_with("rediss://")
-    }
-}
-
-impl std::fmt::Display for RedisUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.redacted)
-    }
-}
-
-/// Hand-written: the password stays out of `{:?}`.
-impl std::fmt::Debug for RedisUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("RedisUrl").field(&self.redacted).finish()
     }
 }
 

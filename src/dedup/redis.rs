@@ -3,9 +3,9 @@
 //! check the lease token.
 
 use super::{Claim, DedupError, DedupPolicy, LeaseToken, LEASE_PREFIX, REDIS_OP_MAX};
-use crate::config::RedisSettings;
 use crate::payload::VerificationId;
 use crate::redis_conn::RedisConnections;
+use crate::redis_conn::RedisSettings;
 
 /// A claim is `SET key token NX PX lease`; only when that finds the key taken
 /// is it read (`GET`) to tell a committed record from another lease. One

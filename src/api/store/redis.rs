@@ -22,9 +22,9 @@ use super::{
     judge, now_ms, ttl_ms, ExpiryClaim, IdemBegin, IdemValue, Record, Status, StoreError,
     StorePolicy, StoredAnswer,
 };
-use crate::config::RedisSettings;
 use crate::dedup::REDIS_OP_MAX;
 use crate::redis_conn::RedisConnections;
+use crate::redis_conn::RedisSettings;
 
 /// A record as the fields of its Redis hash.
 impl Record {
