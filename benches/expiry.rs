@@ -19,11 +19,10 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use sendtalk_relay::api::store::{Record, RedisStore, Store, StorePolicy};
-use sendtalk_relay::config::RedisSettings;
+use sendtalk_relay::api::store::{Record, Store};
 use support::{
-    eventually, free_port, message_ids, now_ms, spawn_app_with, unique, Options, TestApp,
-    TestConsumer, PHONE, REDIS_URL,
+    eventually, free_port, message_ids, now_ms, redis_store, spawn_app_with, unique, Options,
+    TestApp, TestConsumer, PHONE,
 };
 
 /// Records written at once: enough to make creation take well under the
@@ -74,22 +73,6 @@ impl RunResult {
         self.last_arrival
             .map(|a| self.n as f64 * 1000.0 / a.saturating_sub(self.first_due).max(1) as f64)
     }
-}
-
-/// The lifecycle store under the app's key prefix, as the relay builds it.
-fn redis_store(prefix: &str) -> Store {
-    Store::Redis(Box::new(
-        RedisStore::new(
-            &RedisSettings::standalone(REDIS_URL).unwrap(),
-            StorePolicy {
-                key_prefix: prefix.to_string(),
-                ttl: Duration::from_secs(600),
-                idempotency_ttl: Duration::from_secs(600),
-                running_ttl: Duration::from_secs(10),
-            },
-        )
-        .unwrap(),
-    ))
 }
 
 /// The relay with the API and its sweeper on. SendTalk is a loopback port

@@ -12,8 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::{web, App, HttpResponse, HttpServer};
-use sendtalk_relay::api::store::{RedisStore, Store, StorePolicy};
-use sendtalk_relay::config::RedisSettings;
 use serde_json::{json, Value};
 use support::*;
 
@@ -901,21 +899,4 @@ async fn with_redis_down_the_api_answers_503_and_an_idempotent_create_never_call
     let plain = create(&app, &request_body(PHONE)).await;
     assert_eq!((plain.status, plain.code()), (503, "unavailable"));
     assert_eq!(get_status(&app, "some-id", Some(TOKEN_A)).await.status, 503);
-}
-
-/// The lifecycle store on the shared Redis under `prefix`, as the relay
-/// builds it: the tests insert records with an expiry a moment away.
-fn redis_store(prefix: &str) -> Store {
-    Store::Redis(Box::new(
-        RedisStore::new(
-            &RedisSettings::standalone(REDIS_URL).unwrap(),
-            StorePolicy {
-                key_prefix: prefix.to_string(),
-                ttl: Duration::from_secs(600),
-                idempotency_ttl: Duration::from_secs(600),
-                running_ttl: Duration::from_secs(10),
-            },
-        )
-        .unwrap(),
-    ))
 }

@@ -123,8 +123,6 @@ async fn returns_are_attributed_to_their_own_publish_under_concurrent_load() {
 /// gets a handful of copies in 20 s, not one a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_nacking_queue_does_not_flood_the_other_queues() {
-    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
-    use lapin::types::{AMQPValue, FieldTable, LongString};
     let node = rabbit_node::PrivateRabbit::start().await;
     let mut options = Options::default().env("AMQP__URI", node.amqp_uri());
     options.no_consumer = true;
@@ -135,27 +133,7 @@ async fn a_nacking_queue_does_not_flood_the_other_queues() {
         .await
         .unwrap();
     let channel = conn.create_channel().await.unwrap();
-    let mut args = FieldTable::default();
-    args.insert("x-max-length".into(), AMQPValue::LongInt(0));
-    args.insert(
-        "x-overflow".into(),
-        AMQPValue::LongString(LongString::from("reject-publish")),
-    );
-    let full = unique("full.q");
-    channel
-        .queue_declare(full.as_str().into(), QueueDeclareOptions::default(), args)
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            full.as_str().into(),
-            app.exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    bind_refusing_queue(&channel, &app.exchange).await;
 
     let id = unique("nacked");
     let a = app.post(&event_body(&id)).await;

@@ -85,8 +85,7 @@ fn cli(args: &[&str]) -> (i32, String, String) {
 /// spool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_entry_becomes_dead_stops_producing_copies_and_is_delivered_once_retried() {
-    use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
-    use lapin::types::{AMQPValue, FieldTable, LongString};
+    use lapin::options::QueueDeleteOptions;
     let broker = FaultProxy::start(broker_addr()).await;
     let mut options = Options::default().env("SPOOL__MAX_ATTEMPTS", "3");
     options.no_consumer = true;
@@ -96,27 +95,7 @@ async fn a_refused_entry_becomes_dead_stops_producing_copies_and_is_delivered_on
         .await
         .unwrap();
     let channel = conn.create_channel().await.unwrap();
-    let mut args = FieldTable::default();
-    args.insert("x-max-length".into(), AMQPValue::LongInt(0));
-    args.insert(
-        "x-overflow".into(),
-        AMQPValue::LongString(LongString::from("reject-publish")),
-    );
-    let full = unique("full.q");
-    channel
-        .queue_declare(full.as_str().into(), QueueDeclareOptions::default(), args)
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            full.as_str().into(),
-            app.exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let full = bind_refusing_queue(&channel, &app.exchange).await;
 
     let id = unique("nacked");
     let a = app.post(&event_body(&id)).await;

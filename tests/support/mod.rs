@@ -764,3 +764,50 @@ pub async fn count_ids(
         }
     }
 }
+
+/// Declares a queue that refuses every message (`x-max-length = 0`,
+/// `reject-publish`, so the broker nacks) and binds it to `exchange` for
+/// every key; returns its name.
+pub async fn bind_refusing_queue(channel: &Channel, exchange: &str) -> String {
+    use lapin::types::{AMQPValue, LongString};
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(0));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString(LongString::from("reject-publish")),
+    );
+    let name = unique("full.q");
+    channel
+        .queue_declare(name.as_str().into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            name.as_str().into(),
+            exchange.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    name
+}
+
+/// The lifecycle store on the shared Redis under `prefix`, as the relay
+/// builds it: tests and benches insert records with an expiry of their own.
+pub fn redis_store(prefix: &str) -> sendtalk_relay::api::store::Store {
+    use sendtalk_relay::api::store::{RedisStore, Store, StorePolicy};
+    Store::Redis(Box::new(
+        RedisStore::new(
+            &sendtalk_relay::config::RedisSettings::standalone(REDIS_URL).unwrap(),
+            StorePolicy {
+                key_prefix: prefix.to_string(),
+                ttl: Duration::from_secs(600),
+                idempotency_ttl: Duration::from_secs(600),
+                running_ttl: Duration::from_secs(10),
+            },
+        )
+        .unwrap(),
+    ))
+}
